@@ -1,0 +1,22 @@
+# The two commands of the README. Each builds .venv from requirements.txt
+# when it is missing or older than requirements.txt.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: test venv clean-venv
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: requirements.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: venv
+	$(PY) -m pytest tests -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,265 @@
+"""Dictionaries with attribute access, URL and file opening with a download
+cache, construction of objects by class name, and log-file teeing."""
+
+import hashlib
+import importlib
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+
+#----------------------------------------------------------------------------
+
+class EasyDict(dict):
+    """A dict whose items can also be read and written as attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __delattr__(self, name):
+        del self[name]
+
+#----------------------------------------------------------------------------
+
+class Logger:
+    """Copies everything written to stdout and stderr into a log file."""
+
+    def __init__(self,
+        file_name       = None,     # Log file to append to, or None for no file.
+        file_mode       = 'a',      # Mode used to open the log file.
+        should_flush    = True,     # Flush after every write?
+    ):
+        self.file = open(file_name, file_mode) if file_name is not None else None
+        self.should_flush = should_flush
+        self.stdout = sys.stdout
+        self.stderr = sys.stderr
+        sys.stdout = self
+        sys.stderr = self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        self.close()
+
+    def write(self, text):
+        if isinstance(text, bytes):
+            text = text.decode()
+        if len(text) == 0:
+            return
+        if self.file is not None:
+            self.file.write(text)
+        self.stdout.write(text)
+        if self.should_flush:
+            self.flush()
+
+    def flush(self):
+        if self.file is not None:
+            self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        self.flush()
+        if sys.stdout is self:
+            sys.stdout = self.stdout
+        if sys.stderr is self:
+            sys.stderr = self.stderr
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+#----------------------------------------------------------------------------
+
+def format_time(seconds):
+    """Human-readable duration, e.g. '45s', '3m 05s', '2h 10m 00s', '1d 02h 00m'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 60 * 60:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 24 * 60 * 60:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+#----------------------------------------------------------------------------
+# Objects by name.
+
+def get_module_from_obj_name(obj_name):
+    """Split 'pkg.module.attr.sub' into the longest importable module and the rest."""
+    parts = obj_name.split('.')
+    for i in range(len(parts), 0, -1):
+        module_name = '.'.join(parts[:i])
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and not module_name.startswith(err.name) and not err.name.startswith(module_name):
+                raise # A module that exists failed on an import of its own.
+            continue
+        rest = '.'.join(parts[i:])
+        try:
+            get_obj_from_module(module, rest)
+        except AttributeError:
+            continue
+        return module, rest
+    raise ValueError(f'Cannot find "{obj_name}": give a fully qualified name such as "training.networks.EDMPrecond".')
+
+def get_obj_from_module(module, obj_name):
+    """Follow a dotted attribute path inside a module."""
+    obj = module
+    if obj_name != '':
+        for part in obj_name.split('.'):
+            obj = getattr(obj, part)
+    return obj
+
+def get_obj_by_name(name):
+    """The Python object with the given fully qualified name."""
+    module, rest = get_module_from_obj_name(name)
+    return get_obj_from_module(module, rest)
+
+def call_func_by_name(*args, func_name=None, **kwargs):
+    """Look up a function or class by its fully qualified name and call it."""
+    if func_name is None:
+        raise ValueError('call_func_by_name() needs func_name: pass the fully qualified name of a function or class.')
+    func = get_obj_by_name(func_name)
+    if not callable(func):
+        raise ValueError(f'"{func_name}" is not callable: name a function or a class.')
+    return func(*args, **kwargs)
+
+def construct_class_by_name(*args, class_name=None, **kwargs):
+    """Construct an object of the class with the given fully qualified name."""
+    return call_func_by_name(*args, func_name=class_name, **kwargs)
+
+#----------------------------------------------------------------------------
+# URLs, files and the download cache.
+
+_dnnlib_cache_dir = None
+
+def set_cache_dir(path):
+    """Override the download cache folder for this process."""
+    global _dnnlib_cache_dir
+    _dnnlib_cache_dir = path
+
+def make_cache_dir_path(*paths):
+    """A path inside the download cache: $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
+    if _dnnlib_cache_dir is not None:
+        return os.path.join(_dnnlib_cache_dir, *paths)
+    if 'DNNLIB_CACHE_DIR' in os.environ:
+        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
+    if 'HOME' in os.environ:
+        return os.path.join(os.environ['HOME'], '.cache', 'dnnlib', *paths)
+    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
+
+def is_url(obj, allow_file_urls=False):
+    """True for http(s):// URLs, and for file:// URLs when allowed."""
+    if not isinstance(obj, str) or '://' not in obj:
+        return False
+    if allow_file_urls and obj.startswith('file://'):
+        return True
+    try:
+        res = urllib.parse.urlparse(obj)
+    except ValueError:
+        return False
+    return res.scheme in ('http', 'https') and bool(res.netloc) and '.' in res.netloc
+
+def _file_url_to_path(url):
+    path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+    if re.match(r'^/[A-Za-z]:/', path): # file:///C:/... on Windows.
+        path = path[1:]
+    return path
+
+def _download(url, num_attempts, verbose):
+    """Fetch a URL into memory, retrying on transient failures."""
+    import requests # Imported here so that offline use never needs it.
+    last_error = None
+    for attempt in range(num_attempts):
+        try:
+            with requests.Session() as session:
+                with session.get(url, timeout=60) as res:
+                    res.raise_for_status()
+                    data = res.content
+                    if len(data) == 0:
+                        raise IOError('empty response')
+                    return data
+        except KeyboardInterrupt:
+            raise
+        except Exception as err: # pylint: disable=broad-except
+            last_error = err
+            if verbose:
+                print(f'Downloading {url} failed (attempt {attempt + 1}/{num_attempts}): {err}', file=sys.stderr, flush=True)
+            if attempt + 1 < num_attempts:
+                time.sleep(min(2 ** attempt, 10))
+    raise IOError(f'Could not download "{url}" ({last_error}); download it by other means and pass the local file path instead.')
+
+def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True):
+    """Open a local path, a file:// URL or an http(s) URL as a binary file object.
+
+    Downloads are cached under `cache_dir` (default: $DNNLIB_CACHE_DIR or
+    ~/.cache/dnnlib/downloads) and written to a temporary name first, so an
+    interrupted download never leaves a truncated cache entry. With
+    `return_filename=True` the local file name is returned instead (this
+    needs `cache=True` for URLs).
+    """
+    if num_attempts < 1:
+        raise ValueError(f'num_attempts={num_attempts} is invalid: it must be at least 1.')
+    if return_filename and not cache:
+        raise ValueError('return_filename=True needs cache=True: a download must be stored to have a file name.')
+
+    # Local files.
+    if not is_url(url_or_path, allow_file_urls=True):
+        path = str(url_or_path)
+        if not os.path.isfile(path):
+            raise ValueError(f'"{path}" is neither an existing file nor an http(s):// or file:// URL; check the path.')
+        return path if return_filename else open(path, 'rb')
+    if url_or_path.startswith('file://'):
+        path = _file_url_to_path(url_or_path)
+        if not os.path.isfile(path):
+            raise ValueError(f'"{url_or_path}" points to "{path}", which does not exist; check the path.')
+        return path if return_filename else open(path, 'rb')
+
+    # Cached downloads.
+    url = url_or_path
+    if cache_dir is None:
+        cache_dir = make_cache_dir_path('downloads')
+    url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    if cache:
+        hits = sorted(f for f in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else []) if f.startswith(url_md5 + '_'))
+        if len(hits) == 1:
+            path = os.path.join(cache_dir, hits[0])
+            return path if return_filename else open(path, 'rb')
+
+    if verbose:
+        print(f'Downloading {url} ...', end='', file=sys.stderr, flush=True)
+    data = _download(url, num_attempts=num_attempts, verbose=verbose)
+    if verbose:
+        print(' done', file=sys.stderr, flush=True)
+
+    if cache:
+        safe_name = re.sub(r'[^0-9a-zA-Z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'file'
+        path = os.path.join(cache_dir, url_md5 + '_' + safe_name)
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, temp_path = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-' + url_md5 + '_')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+            os.replace(temp_path, path)
+        except BaseException:
+            if os.path.exists(temp_path):
+                os.remove(temp_path)
+            raise
+        if return_filename:
+            return path
+    return io.BytesIO(data)
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""dnnlib.util: EasyDict, open_url and its cache, objects by name, Logger, format_time."""
+
+import http.server
+import os
+import sys
+import threading
+
+import pytest
+
+import dnnlib
+from dnnlib import util
+
+#----------------------------------------------------------------------------
+
+def test_easydict_attribute_access():
+    d = util.EasyDict(a=1)
+    d.b = 2
+    assert d['b'] == 2 and d.a == 1
+    del d.a
+    assert 'a' not in d
+    with pytest.raises(AttributeError):
+        _ = d.missing
+    assert dnnlib.EasyDict is util.EasyDict
+
+def test_format_time():
+    assert util.format_time(5) == '5s'
+    assert util.format_time(65) == '1m 05s'
+    assert util.format_time(3 * 3600 + 7 * 60 + 9) == '3h 07m 09s'
+    assert util.format_time(2 * 86400 + 5 * 3600 + 60) == '2d 05h 01m'
+
+def test_objects_by_name():
+    assert util.get_obj_by_name('os.path.join') is os.path.join
+    assert util.call_func_by_name('a', 'b', func_name='os.path.join') == os.path.join('a', 'b')
+    d = util.construct_class_by_name(class_name='dnnlib.util.EasyDict', x=3)
+    assert isinstance(d, util.EasyDict) and d.x == 3
+    with pytest.raises(ValueError, match='no_such_module'):
+        util.get_obj_by_name('no_such_module.Thing')
+    with pytest.raises(ValueError, match='not callable'):
+        util.call_func_by_name(func_name='os.sep')
+
+#----------------------------------------------------------------------------
+
+def test_open_url_local_and_file_url(tmp_path):
+    path = tmp_path / 'a b.bin'
+    path.write_bytes(b'hello')
+    with util.open_url(str(path)) as f:
+        assert f.read() == b'hello'
+    with util.open_url(path.as_uri()) as f:
+        assert f.read() == b'hello'
+    assert util.open_url(path.as_uri(), return_filename=True) == str(path)
+    with pytest.raises(ValueError, match='neither an existing file'):
+        util.open_url(str(tmp_path / 'missing.pkl'))
+    with pytest.raises(ValueError, match='does not exist'):
+        util.open_url((tmp_path / 'missing.pkl').as_uri())
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server serving tmp_path/www, counting the requests."""
+    root = tmp_path / 'www'
+    root.mkdir()
+    hits = []
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+        def log_message(self, *args):
+            hits.append(self.path)
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    # A dotted host name is what is_url() accepts as an http URL.
+    yield root, f'http://127.0.0.1:{server.server_address[1]}', hits
+    server.shutdown()
+    server.server_close()
+
+def test_open_url_http_download_and_cache(tmp_path, http_server):
+    root, base, hits = http_server
+    (root / 'net.pkl').write_bytes(b'x' * 1000)
+    cache_dir = tmp_path / 'cache'
+    with util.open_url(f'{base}/net.pkl', cache_dir=str(cache_dir), verbose=False) as f:
+        assert f.read() == b'x' * 1000
+    files = os.listdir(cache_dir)
+    assert len(files) == 1 and files[0].endswith('_net.pkl')
+    n = len(hits)
+    fname = util.open_url(f'{base}/net.pkl', cache_dir=str(cache_dir), verbose=False, return_filename=True)
+    assert len(hits) == n # Served from the cache.
+    assert open(fname, 'rb').read() == b'x' * 1000
+    with util.open_url(f'{base}/net.pkl', cache_dir=str(cache_dir), verbose=False, cache=False) as f:
+        assert f.read() == b'x' * 1000
+    assert len(hits) == n + 1
+
+def test_open_url_env_cache_dir(tmp_path, http_server, monkeypatch):
+    root, base, _hits = http_server
+    (root / 'stats.npz').write_bytes(b'abc')
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'envcache'))
+    util.open_url(f'{base}/stats.npz', verbose=False).close()
+    assert len(os.listdir(tmp_path / 'envcache' / 'downloads')) == 1
+
+def test_open_url_download_failure_is_clear(tmp_path, http_server):
+    _root, base, _hits = http_server
+    with pytest.raises(IOError, match='Could not download .*missing.pkl.*local file path'):
+        util.open_url(f'{base}/missing.pkl', cache_dir=str(tmp_path / 'c'), num_attempts=1, verbose=False)
+    assert not os.path.exists(tmp_path / 'c') or os.listdir(tmp_path / 'c') == []
+
+#----------------------------------------------------------------------------
+
+def test_logger_tees_stdout_and_stderr(tmp_path, capfd):
+    log = tmp_path / 'log.txt'
+    with util.Logger(file_name=str(log), file_mode='a'):
+        print('to stdout')
+        print('to stderr', file=sys.stderr)
+    print('after')
+    text = log.read_text()
+    assert 'to stdout' in text and 'to stderr' in text and 'after' not in text
+    assert 'to stdout' in capfd.readouterr().out
+
+#----------------------------------------------------------------------------

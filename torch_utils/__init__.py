@@ -1,0 +1,1 @@
+"""PyTorch helpers: persistent pickles, distributed set-up, training statistics."""

@@ -1,0 +1,74 @@
+"""Process-group set-up for `torchrun`, and rank-aware printing.
+
+Launched by `torchrun`, `init()` joins the process group described by its
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL
+when the processes use CUDA, gloo on the CPU. Launched directly, it is a
+plain single process with rank 0 and world size 1.
+"""
+
+import os
+
+import torch
+
+from . import training_stats
+
+#----------------------------------------------------------------------------
+
+def launched_by_torchrun():
+    """True when the environment of a torchrun (or torch.distributed.launch) worker is set."""
+    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+
+def init(device_type=None):
+    """Join the torchrun process group, if any, and return the device to use.
+
+    device_type: 'cuda', 'cpu' or None (CUDA when available). Each rank uses
+    the GPU given by LOCAL_RANK.
+    """
+    if device_type is None:
+        device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device_type not in ('cuda', 'cpu'):
+        raise ValueError(f'device_type="{device_type}" is invalid; use "cuda", "cpu" or None.')
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('CUDA was requested but no CUDA device is available; use the CPU instead.')
+
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = torch.device('cuda', local_rank) if device_type == 'cuda' else torch.device('cpu')
+    if device_type == 'cuda':
+        torch.cuda.set_device(device)
+
+    if launched_by_torchrun() and not torch.distributed.is_initialized():
+        backend = 'nccl' if device_type == 'cuda' else 'gloo'
+        kwargs = dict(device_id=device) if device_type == 'cuda' else dict()
+        torch.distributed.init_process_group(backend=backend, init_method='env://', **kwargs)
+
+    sync_device = device if get_world_size() > 1 else None
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+    return device
+
+def shutdown():
+    """Leave the process group, if one was joined."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+#----------------------------------------------------------------------------
+
+def is_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def get_rank():
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+def get_world_size():
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+def barrier():
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+def print0(*args, **kwargs):
+    """print() on rank 0 only."""
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+#----------------------------------------------------------------------------
