@@ -1,0 +1,125 @@
+"""Shared pieces of test_train.py and test_train_ddp.py: the 8x8 digits
+dataset, running train.py in a subprocess, reading W&B's offline run files,
+and a loss that records the training loop's calls of its hooks."""
+
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+from training.loss import EDMLoss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Options that keep the CPU runs small and deterministic.
+SMALL_RUN = ['--batch=64', '--tick=1', '--snap=1', '--dump=1', '--seed=1', '--workers=0', '--lr_rampup=0', '--device=cpu']
+
+def subprocess_env(wandb_home=None):
+    """One thread per process: on a shared 2-core machine OpenMP's spinning threads are far slower.
+    W&B keeps its cache, configuration and data under `wandb_home` when given."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    env.pop('WANDB_MODE', None)
+    if wandb_home is not None:
+        env.update({f'WANDB_{kind}_DIR': os.path.join(str(wandb_home), kind.lower()) for kind in ('CACHE', 'CONFIG', 'DATA')})
+    return env
+
+def build_digits(dest):
+    """The digits dataset at 8x8 (its native size), written by dataset_tool.py."""
+    proc = subprocess.run([sys.executable, 'dataset_tool.py', '--source=digits', f'--dest={dest}', '--resolution=8x8'],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(dest)
+
+def start_train(*args, python_flags=(), wandb_home=None):
+    """Start train.py; returns the Popen."""
+    return subprocess.Popen([sys.executable, *python_flags, 'train.py', *args], cwd=ROOT, env=subprocess_env(wandb_home),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+def finish(proc, timeout=600):
+    """Wait for a Popen; returns (returncode, stdout, stderr)."""
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+def run_dirs(outdir):
+    return sorted(os.path.join(outdir, name) for name in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, name)))
+
+def read_stats(run_dir):
+    with open(os.path.join(run_dir, 'stats.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+#----------------------------------------------------------------------------
+# W&B's offline run file: a log of 32 KiB blocks whose records carry
+# protobuf messages (wandb.proto.wandb_internal_pb2.Record).
+
+def read_wandb_history(run_dir):
+    """[{key: value}] of every history record of the offline W&B run in run_dir."""
+    from wandb.proto import wandb_internal_pb2 # pylint: disable=import-outside-toplevel
+    files = glob.glob(os.path.join(run_dir, 'wandb', 'offline-run-*', 'run-*.wandb'))
+    assert len(files) == 1, files
+    with open(files[0], 'rb') as f:
+        data = f.read()
+    assert data[:4] == b':W&B'
+    block, header = 32768, 7
+    pos, pending, history = header, b'', []
+    while pos + header <= len(data):
+        if block - pos % block < header: # Block trailer too short for a record header.
+            pos += block - pos % block
+            continue
+        _checksum, length, kind = struct.unpack('<IHB', data[pos:pos + header])
+        pos += header
+        if kind == 0 and length == 0:
+            break
+        pending += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4): # Full record, or the last piece of one.
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b''
+            if record.WhichOneof('record_type') == 'history':
+                history.append({item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return history
+
+#----------------------------------------------------------------------------
+# Stand-ins that record what the training loop hands them.
+
+class RecordingRun:
+    """A W&B run that keeps what is logged: [(step, {key: value})]."""
+    def __init__(self):
+        self.logged = []
+
+    def log(self, data, step=None):
+        self.logged.append((step, dict(data)))
+
+VALIDATION_CALLS = []
+
+def record_validation(tag, net, cur_tick, cur_nimg, **_kwargs):
+    """A validation function named by `func_name`."""
+    VALIDATION_CALLS.append((tag, cur_tick, cur_nimg, net.training))
+    return dict(calls=len(VALIDATION_CALLS))
+
+class HookLoss(EDMLoss):
+    """EDMLoss that records the loop's calls of the optional loss hooks in `HookLoss.log`."""
+    log = []
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.updates = 0
+        HookLoss.log.append(('init',))
+
+    def set_progress(self, cur_nimg):
+        HookLoss.log.append(('set_progress', cur_nimg))
+
+    def update_target(self, net):
+        self.updates += 1
+        HookLoss.log.append(('update_target', type(net).__name__, net.training))
+
+    def state_dict(self):
+        return dict(updates=self.updates)
+
+    def load_state_dict(self, state):
+        self.updates = state['updates']
+        HookLoss.log.append(('load_state_dict', dict(state)))
+
+#----------------------------------------------------------------------------
