@@ -1,0 +1,241 @@
+"""Generate images from a network snapshot: a teacher with EDM's Heun sampler
+(or the Euler baseline), a multistep consistency student with its S steps.
+
+Each image depends only on its seed: latents, class labels and sampler noise
+come from one random generator per seed, so the batch size and the number of
+`torchrun` processes do not change the result."""
+
+import os
+import pickle
+import re
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import samplers
+
+#----------------------------------------------------------------------------
+# Command-line parsing.
+
+class SeedList(click.ParamType):
+    """Comma-separated non-negative integers and inclusive ranges: '0-49999,60000'."""
+    name = 'list'
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        seeds = []
+        for part in str(value).split(','):
+            m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+            if m is None:
+                where = f'"{part}" in "{value}"' if ',' in str(value) else f'"{value}"'
+                self.fail(f'{where} is neither a seed nor a range A-B of non-negative integers; write e.g. 0-49999,60000.', param, ctx)
+            lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+            if hi < lo:
+                self.fail(f'the range {lo}-{hi} is empty; write it as {hi}-{lo}.', param, ctx)
+            seeds.extend(range(lo, hi + 1))
+        if len(set(seeds)) != len(seeds):
+            dup = next(s for i, s in enumerate(seeds) if s in seeds[:i])
+            self.fail(f'"{value}" lists seed {dup} more than once; give each seed once.', param, ctx)
+        return seeds
+
+#----------------------------------------------------------------------------
+# Snapshot loading and sampler selection.
+
+def load_snapshot(network_pkl):
+    """The snapshot dict of an EDM-format pickle (path or URL); ClickException if unreadable."""
+    try:
+        with dnnlib.util.open_url(network_pkl, verbose=(dist.get_rank() == 0)) as f:
+            data = pickle.load(f)
+    except ValueError as err:
+        raise click.ClickException(str(err))
+    except Exception as err:
+        raise click.ClickException(f'Cannot read the network pickle "{network_pkl}" ({type(err).__name__}: {err}); give an EDM network snapshot.')
+    if not isinstance(data, dict) or 'ema' not in data:
+        raise click.ClickException(f'"{network_pkl}" is not an EDM network snapshot (a pickled dict with the network under "ema"); give a network-snapshot-*.pkl.')
+    return data
+
+def student_grid(data, network_pkl):
+    """The student sigmas of a consistency snapshot, None for a plain diffusion network."""
+    meta = data.get('consistency')
+    if meta is None:
+        return None
+    try:
+        sigmas = samplers.check_student_sigmas(meta['student_sigmas'])
+        if len(sigmas) != int(meta['S']) + 1:
+            raise ValueError(f'S={meta["S"]} does not match its {len(sigmas)} student sigmas')
+    except (KeyError, TypeError, ValueError) as err:
+        raise click.ClickException(f'The consistency metadata of "{network_pkl}" is malformed ({err}); it needs S and S + 1 student_sigmas.')
+    return sigmas
+
+#----------------------------------------------------------------------------
+# Output.
+
+def save_png(image, path):
+    """Write a uint8 HWC array as PNG through a temporary name."""
+    mode = 'L' if image.shape[2] == 1 else 'RGB'
+    tmp = f'{path}.tmp{os.getpid()}'
+    PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(tmp, format='PNG')
+    os.replace(tmp, path)
+
+def make_grid(images):
+    """Tile uint8 HWC images row by row into a near-square grid (empty cells black)."""
+    num = len(images)
+    cols = int(np.ceil(np.sqrt(num)))
+    rows = (num - 1) // cols + 1
+    h, w, c = images[0].shape
+    grid = np.zeros([rows, cols, h, w, c], dtype=np.uint8)
+    for i, image in enumerate(images):
+        grid[i // cols, i % cols] = image
+    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--network', 'network_pkl',  help='Network pickle filename or URL', metavar='PKL|URL',                    type=str, required=True)
+@click.option('--outdir',                  help='Where to save the images (one PNG per seed)', metavar='DIR',          type=str)
+@click.option('--subdirs',                 help='Put images in sub-folders of 1000 seeds', is_flag=True)
+@click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST',                        type=SeedList(), default='0-63', show_default=True)
+@click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                      type=click.IntRange(min=0))
+@click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',                      type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--grid',                    help='Also save all images as one grid PNG', metavar='PNG',                 type=str)
+@click.option('--device',                  help='Device to run on', metavar='auto|cuda|cpu',                          type=click.Choice(['auto', 'cuda', 'cpu']), default='auto', show_default=True)
+
+@click.option('--sampler',                 help='auto = student if the snapshot is one, else heun', metavar='auto|heun|euler|student', type=click.Choice(['auto', 'heun', 'euler', 'student']), default='auto', show_default=True)
+@click.option('--steps', 'num_steps',      help='Number of noise levels (heun/euler)  [default: 18]', metavar='INT',  type=click.IntRange(min=1))
+@click.option('--sigma_min',               help='Lowest noise level (heun/euler)  [default: 0.002]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max',               help='Highest noise level (heun/euler)  [default: 80]', metavar='FLOAT',   type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',                     help='Exponent of the noise grid (heun/euler)  [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--S_churn', 'S_churn',      help='Stochasticity strength (heun/euler)  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_min', 'S_min',          help='Stochastic min noise level (heun/euler)  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_max', 'S_max',          help='Stochastic max noise level (heun/euler)  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_noise', 'S_noise',      help='Stochastic noise inflation (heun/euler)  [default: 1]', metavar='FLOAT', type=float)
+@click.option('--stochastic',              help='Re-noise between the steps of the student', is_flag=True)
+
+def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, device, sampler, stochastic, **sampler_kwargs):
+    """Generate images with a diffusion network or a multistep consistency student.
+
+    Examples:
+
+    \b
+    # 64 images of a teacher with EDM's 18-step Heun sampler (35 evaluations).
+    python generate.py --network=training-runs/00000-digits-cond-ddpmpp-edm-gpus1-batch64-fp32/network-snapshot-000100.pkl \\
+        --outdir=out --seeds=0-63 --grid=grid.png
+
+    \b
+    # The Euler baseline at equal cost, and a consistency student with its own S steps.
+    python generate.py --network=teacher.pkl --outdir=euler --sampler=euler --steps=35
+    python generate.py --network=student.pkl --outdir=student --seeds=0-49999 --subdirs
+
+    \b
+    # Several processes share the seeds (the images do not change).
+    torchrun --standalone --nproc_per_node=2 generate.py --network=teacher.pkl --outdir=out --seeds=0-999
+    """
+    sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    if outdir is None and grid is None:
+        raise click.ClickException('Nothing would be saved; give --outdir for one PNG per seed, --grid for a grid image, or both.')
+    try:
+        device = dist.init(device_type=None if device == 'auto' else device)
+    except ValueError as err:
+        raise click.ClickException(str(err))
+
+    # Load the network on rank 0 first, so that a download happens once.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    dist.print0(f'Loading network from "{network_pkl}"...')
+    data = load_snapshot(network_pkl)
+    if dist.get_rank() == 0:
+        dist.barrier()
+    net = data['ema'].to(device).eval().requires_grad_(False)
+    sigmas = student_grid(data, network_pkl)
+
+    # Check the options against the network.
+    if class_idx is not None and net.label_dim == 0:
+        raise click.ClickException(f'--class={class_idx} was given, but the network is unconditional; leave --class out.')
+    if class_idx is not None and class_idx >= net.label_dim:
+        raise click.ClickException(f'--class={class_idx} is out of range for a network with {net.label_dim} classes; use 0 to {net.label_dim - 1}.')
+    if sampler == 'auto':
+        sampler = 'student' if sigmas is not None else 'heun'
+    if sampler == 'student':
+        if sigmas is None:
+            raise click.ClickException(f'--sampler=student needs a consistency student, but "{network_pkl}" has no student grid; use --sampler=heun or --sampler=euler.')
+        if sampler_kwargs:
+            names = ', '.join(f'--{key if key != "num_steps" else "steps"}' for key in sampler_kwargs)
+            raise click.ClickException(f'{names} apply only to --sampler=heun or euler; the student takes its {len(sigmas) - 1} steps from the snapshot.')
+        sample_fn, sample_kwargs = samplers.student_sampler, dict(sigmas=sigmas, stochastic=stochastic)
+        desc = f'student sampler, S={len(sigmas) - 1}{", stochastic" if stochastic else ""}'
+    else:
+        if stochastic:
+            raise click.ClickException(f'--stochastic applies only to --sampler=student; use --S_churn for stochastic {sampler} sampling.')
+        sample_fn = samplers.edm_sampler if sampler == 'heun' else samplers.euler_sampler
+        sample_kwargs = sampler_kwargs
+        num_steps = sampler_kwargs.get('num_steps', 18)
+        sigma_min = max(sampler_kwargs.get('sigma_min', 0.002), net.sigma_min)
+        sigma_max = min(sampler_kwargs.get('sigma_max', 80), net.sigma_max)
+        if not sigma_min < sigma_max:
+            raise click.ClickException(f'The noise levels run from sigma_min={sigma_min} to sigma_max={sigma_max} '
+                f'(the network supports {net.sigma_min} to {net.sigma_max}); choose --sigma_min below --sigma_max.')
+        desc = f'{sampler} sampler, {num_steps} steps, {2 * num_steps - 1 if sampler == "heun" else num_steps} network evaluations'
+
+    # Divide the seeds among the processes in equal numbers of batches.
+    world = dist.get_world_size()
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world) + 1) * world
+    rank_batches = torch.as_tensor(seeds).tensor_split(num_batches)[dist.get_rank() :: world]
+
+    dist.print0(f'Generating {len(seeds)} images ({desc}) on {world} process(es)...')
+    results = []
+    for batch_seeds in tqdm.tqdm(rank_batches, unit='batch', disable=(dist.get_rank() != 0)):
+        dist.barrier()
+        if len(batch_seeds) == 0:
+            continue
+
+        # Latents first, then class labels, from each seed's own generator.
+        rnd = samplers.StackedRandomGenerator(device, batch_seeds)
+        latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        class_labels = None
+        if net.label_dim:
+            class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)]
+            if class_idx is not None:
+                class_labels[:, :] = 0
+                class_labels[:, class_idx] = 1
+
+        with torch.no_grad():
+            images = sample_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sample_kwargs)
+        images = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+        for seed, image in zip(batch_seeds.tolist(), images):
+            if outdir is not None:
+                image_dir = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+                os.makedirs(image_dir, exist_ok=True)
+                save_png(image, os.path.join(image_dir, f'{seed:06d}.png'))
+            if grid is not None:
+                results.append((seed, image))
+
+    # Collect the images of every process for the grid.
+    if grid is not None:
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, results)
+            results = [item for part in gathered for item in part]
+        if dist.get_rank() == 0:
+            order = {seed: i for i, seed in enumerate(seeds)}
+            results.sort(key=lambda item: order[item[0]])
+            if os.path.dirname(grid):
+                os.makedirs(os.path.dirname(grid), exist_ok=True)
+            save_png(make_grid([image for _seed, image in results]), grid)
+
+    dist.barrier()
+    dist.print0('Done.')
+    dist.shutdown()
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------
