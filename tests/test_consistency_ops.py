@@ -199,6 +199,14 @@ def test_teacher_grid_removes_student_sigmas():
     assert len(teacher) - 1 >= 64
     assert not any(np.any(np.abs(v - interior) <= 1e-5 * interior) for v in teacher[1:-2])
 
+def test_teacher_grid_uses_the_smallest_sufficient_node_count():
+    # A Karras grid of N nodes meets the 8 Karras student nodes exactly when 7 divides N - 1;
+    # otherwise nothing is removed. So the smallest N with >= T edges is T or T + 1.
+    student = student_sigmas(8, 'karras')
+    for T in range(8, 200):
+        edges = len(ops.teacher_sigmas(T, student)) - 1
+        assert edges == (T + 1 if (T - 1) % 7 == 0 else T), T
+
 def test_teacher_grid_drops_rounding_duplicates():
     student = student_sigmas(2, 'karras_open')
     round_sigma = lambda s: torch.round(torch.as_tensor(s) * 10) / 10 + 0.002 * (torch.as_tensor(s) < 0.05)

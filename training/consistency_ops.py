@@ -48,7 +48,7 @@ SIGMA_RTOL      = 1e-5      # Relative tolerance for "this teacher node is a stu
 
 def expand_sigma(sigma, x):
     """Per-sample noise levels [N] (or a scalar) shaped to broadcast against x [N, ...], in x's dtype."""
-    sigma = torch.as_tensor(sigma, device=x.device).to(x.dtype)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.ndim == 0:
         return sigma
     return sigma.reshape([-1] + [1] * (x.ndim - 1))
@@ -70,7 +70,7 @@ def inverse_ddim(x_ref, x_t, sigma_t, sigma_ref, dtype=torch.float32):
     """
     x_ref = x_ref.to(dtype)
     x_t = x_t.to(dtype)
-    r = torch.as_tensor(sigma_ref, device=x_t.device).to(dtype) / torch.as_tensor(sigma_t, device=x_t.device).to(dtype)
+    r = torch.as_tensor(sigma_ref, dtype=dtype, device=x_t.device) / torch.as_tensor(sigma_t, dtype=dtype, device=x_t.device)
     gain = 1 / (1 - r)
     r_x = expand_sigma(r, x_t)
     return (x_ref - r_x * x_t) * expand_sigma(gain, x_t), gain
@@ -85,8 +85,8 @@ def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
     teacher is never evaluated at sigma = 0. All arithmetic is in `dtype`.
     """
     x_a = x_a.to(dtype)
-    sigma_a = torch.as_tensor(sigma_a, device=x_a.device).to(dtype).expand(x_a.shape[0])
-    sigma_b = torch.as_tensor(sigma_b, device=x_a.device).to(dtype).expand(x_a.shape[0])
+    sigma_a = torch.as_tensor(sigma_a, dtype=dtype, device=x_a.device).expand(x_a.shape[0])
+    sigma_b = torch.as_tensor(sigma_b, dtype=dtype, device=x_a.device).expand(x_a.shape[0])
     sa = expand_sigma(sigma_a, x_a)
     sb = expand_sigma(sigma_b, x_a)
     k1 = (x_a - denoise(x_a, sigma_a, None).to(dtype)) / sa
@@ -131,8 +131,8 @@ def teacher_sigmas(T, student, sigma_min=0.002, sigma_max=80, rho=7, round_sigma
 
     A Karras grid of N >= T nodes (float64, through `round_sigma`) from which
     every node except the first and the last equal to an interior student
-    sigma (within `rtol`) is removed, plus a final 0; N grows until at least
-    T edges remain. Returns a float64 tensor sigma^t_0 > ... > sigma^t_T' = 0.
+    sigma (within `rtol`) is removed, plus a final 0; N is the smallest
+    count >= T that leaves at least T edges. Returns a float64 tensor sigma^t_0 > ... > sigma^t_T' = 0.
     """
     T = int(T)
     if T < 1:
@@ -150,7 +150,7 @@ def teacher_sigmas(T, student, sigma_min=0.002, sigma_max=80, rho=7, round_sigma
         nodes = nodes[keep]
         if len(nodes) >= T:
             return torch.cat([nodes, torch.zeros(1, dtype=torch.float64)])
-        num_nodes += T - len(nodes)
+        num_nodes += 1
 
 def segment_edges(teacher, student, T=None, rtol=SIGMA_RTOL):
     """Segment index j of every teacher edge: the one whose interval
