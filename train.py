@@ -1,5 +1,26 @@
-"""Train diffusion models in the EDM framework, on one process or over the
-ranks of `torchrun`."""
+"""Train diffusion models in the EDM framework, or distil one into a
+multistep consistency student (--consistency=True), on one process or over
+the ranks of `torchrun`.
+
+Distillation (cd-spec; decisions where it is silent):
+* The teacher is the `ema` of --teacher (path or URL), loaded like
+  --transfer, frozen, and checked against the data (resolution, channels,
+  classes) before any work starts. It runs in the student's precision (with
+  --fp16 on CUDA, in fp16). A resumed run (the same command line plus
+  --resume) loads it again from --teacher.
+* The student is built from the usual options. With --student_init=teacher
+  (the default) it starts from the teacher's weights, which requires the
+  same preconditioning class and the same tensor names and shapes.
+  --transfer=PKL instead starts it from that snapshot's `ema` (by name, as in
+  plain training, e.g. a student with a larger S), and excludes
+  --student_init. The evaluation EMA follows --ema and --ema_rampup as in EDM
+  training; the target network's own EMA is --cd_target_ema.
+* Snapshots carry `consistency` = dict(S, student_sigmas), so generate.py
+  samples the student without flags. The run directory's name ends in
+  `-cd<S>`. A resumed run must keep the student grid (--S,
+  --student_sigmas, --sigma_min, --sigma_max, --rho).
+* The options of distillation are refused without --consistency=True.
+"""
 
 import importlib
 import json
@@ -11,6 +32,8 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import consistency_ops
+from training import loss_cd
 from training import training_loop
 
 #----------------------------------------------------------------------------
@@ -31,6 +54,11 @@ PRECOND_CLASSES = dict( # --precond -> (network class, loss class)
     ve      = ('training.networks.VEPrecond', 'training.loss.VELoss'),
     edm     = ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
 )
+
+CD_OPTIONS = ['teacher', 'student_init', 'S', 'student_sigmas', 'T_start', 'T_end', 'T_anneal_kimg', 'T_anneal', 'rho', 'sigma_min', 'sigma_max',
+    'sampling_mode', 'terminal_anchor', 'terminal_prob', 'terminal_teacher_hop', 'cd_target_mode', 'cd_target_ema', 'sync_dropout',
+    'cd_loss', 'cd_huber_c', 'cd_weight_mode'] # Options that only --consistency=True uses.
+STUDENT_GRID_KEYS = ['S', 'student_sigmas', 'sigma_min', 'sigma_max', 'rho'] # Loss keywords that a resumed run must keep.
 
 #----------------------------------------------------------------------------
 # Option parsing helpers.
@@ -130,11 +158,111 @@ def setup_resume(opts, c, dataset_obj):
             raise click.ClickException(f'The --resume state "{path}" was written for {key}={state["network_kwargs"].get(key)}, but this run has {c.network_kwargs.get(key)}; {fix}.')
     if state['loss_kwargs'].get('class_name') != c.loss_kwargs.get('class_name'):
         raise click.ClickException(f'The --resume state "{path}" was written with the loss {state["loss_kwargs"].get("class_name")}, but this run uses {c.loss_kwargs.get("class_name")}; {fix}.')
+    if opts.consistency:
+        for key in STUDENT_GRID_KEYS:
+            if state['loss_kwargs'].get(key) != c.loss_kwargs.get(key):
+                raise click.ClickException(f'The --resume state "{path}" was written for the student grid {key}={state["loss_kwargs"].get(key)}, but this run has {key}={c.loss_kwargs.get(key)}; {fix}.')
     if state['cur_nimg'] >= c.total_kimg * 1000:
         raise click.ClickException(f'The --resume state "{path}" has already seen {state["cur_nimg"] / 1e6:g} Mimg, which reaches --duration={opts.duration:g}; pass a longer --duration.')
     if opts.seed is None:
         c.seed = int(state['seed'])
     c.resume_state_dump = path
+
+#----------------------------------------------------------------------------
+# Consistency distillation.
+
+def parse_student_sigmas(text):
+    """--student_sigmas: a layout name, or the interior sigmas as a list of floats."""
+    if text in ('karras', 'karras_open'):
+        return text
+    try:
+        return [float(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise click.ClickException(f'--student_sigmas={text} is neither karras, karras_open nor a comma-separated list of numbers; pass a layout name or the S-1 interior sigmas, e.g. 2.5,0.5,0.1.') from None
+
+def check_teacher_fits_data(opts, teacher, dataset_obj):
+    """The teacher's resolution, channels and classes against the dataset of the run."""
+    where = f'The teacher "{opts.teacher}"'
+    values = {}
+    for attr in ('img_resolution', 'img_channels', 'label_dim'):
+        values[attr] = getattr(teacher, attr, None)
+        if not isinstance(values[attr], int):
+            raise click.ClickException(f'{where} holds a {type(teacher).__name__} without an integer {attr}; pass a network snapshot of an EDM-style network.')
+    res, ch, labels = values['img_resolution'], values['img_channels'], values['label_dim']
+    if res != dataset_obj.resolution:
+        raise click.ClickException(f'{where} works on {res}x{res} images, but {opts.data} holds {dataset_obj.resolution}x{dataset_obj.resolution} images; pass --data at the teacher\'s resolution.')
+    if ch != dataset_obj.num_channels:
+        raise click.ClickException(f'{where} works on {ch}-channel images, but {opts.data} holds {dataset_obj.num_channels}-channel images; pass --data with the teacher\'s channels.')
+    if labels != dataset_obj.label_dim:
+        if dataset_obj.label_dim == 0:
+            raise click.ClickException(f'{where} is conditioned on {labels} classes, but this run is unconditional; pass --cond=True with a dataset of {labels} classes.')
+        if labels == 0:
+            raise click.ClickException(f'{where} is unconditional, but this run has --cond=True; pass --cond=False.')
+        raise click.ClickException(f'{where} is conditioned on {labels} classes, but {opts.data} has {dataset_obj.label_dim}; pass a dataset with the teacher\'s {labels} classes.')
+
+def setup_consistency(opts, c, dataset_obj):
+    """--consistency=True: the distillation loss, its teacher, and the weights the student starts from."""
+    if opts.teacher is None:
+        raise click.ClickException('--consistency=True needs a teacher to distil; pass --teacher with a network snapshot (path or URL).')
+    if opts.terminal_prob is not None and not 0 < opts.terminal_prob < 1:
+        raise click.ClickException(f'--terminal_prob={opts.terminal_prob:g} is outside (0, 1); pass a probability strictly between 0 and 1, or leave it out for 1/T\'.')
+    terminal_anchor = opts.terminal_anchor if opts.terminal_anchor is not None else (opts.sampling_mode != 'uniform')
+    if opts.terminal_prob is not None and not terminal_anchor:
+        raise click.ClickException(f'--terminal_prob={opts.terminal_prob:g} needs the terminal anchor, which is off here (--no_terminal_anchor, or the default of --sampling_mode=uniform); pass --terminal_anchor or leave --terminal_prob out.')
+    if opts.transfer is not None and opts.student_init is not None:
+        raise click.ClickException(f'--transfer and --student_init={opts.student_init} both choose the weights the student starts from; pass only one of them.')
+    c.loss_kwargs = dnnlib.EasyDict(
+        class_name              = 'training.loss_cd.ConsistencyDistillLoss',
+        S                       = opts.S,
+        T_start                 = opts.T_start,
+        T_end                   = opts.T_end,
+        T_anneal_kimg           = opts.T_anneal_kimg,
+        T_anneal                = opts.T_anneal,
+        rho                     = opts.rho,
+        sigma_min               = opts.sigma_min,
+        sigma_max               = opts.sigma_max,
+        student_sigmas          = parse_student_sigmas(opts.student_sigmas),
+        sampling_mode           = opts.sampling_mode,
+        terminal_anchor         = terminal_anchor,
+        terminal_prob           = opts.terminal_prob,
+        terminal_teacher_hop    = opts.terminal_teacher_hop,
+        target_mode             = opts.cd_target_mode,
+        target_ema              = opts.cd_target_ema,
+        sync_dropout            = opts.sync_dropout,
+        loss                    = opts.cd_loss,
+        huber_c                 = opts.cd_huber_c,
+        weight_mode             = opts.cd_weight_mode,
+    )
+
+    # The teacher: a snapshot that fits the data; the grids it gives must leave no segment empty.
+    try:
+        teacher = training_loop.load_snapshot(opts.teacher)['ema']
+    except ValueError as err:
+        raise click.ClickException(f'--teacher: {err}')
+    check_teacher_fits_data(opts, teacher, dataset_obj)
+    try:
+        dnnlib.util.construct_class_by_name(**c.loss_kwargs).set_teacher(teacher)
+    except ValueError as err:
+        raise click.ClickException(str(err))
+    c.teacher_pkl = opts.teacher
+
+    # The student's weights: the teacher's (same names and shapes), a --transfer snapshot's, or random.
+    if opts.resume is None and opts.transfer is None and opts.student_init != 'random':
+        fix = 'pass the teacher\'s architecture options (--arch, --precond, --cbase, --cres, --cond, --augment) or --student_init=random'
+        student_class = c.network_kwargs.class_name.split('.')[-1]
+        if type(teacher).__name__ != student_class:
+            raise click.ClickException(f'The teacher "{opts.teacher}" is of class {type(teacher).__name__}, but the student would be of class {student_class}; {fix}.')
+        shapes = {name: t.shape for name, t in list(teacher.named_parameters()) + list(teacher.named_buffers())}
+        try:
+            training_loop.check_tensors(shapes, network_for_checks(c, dataset_obj), f'The teacher "{opts.teacher}"', fix, require_all=True)
+        except ValueError as err:
+            raise click.ClickException(str(err))
+        c.resume_pkl = opts.teacher
+
+def student_snapshot_entry(loss_fn, **_kwargs):
+    """The `consistency` entry of a student's snapshots (S and the student grid), from which
+    `generate.py --sampler=auto` samples the student."""
+    return dict(consistency=dict(S=int(loss_fn.S), student_sigmas=[float(v) for v in loss_fn.student_sigmas().tolist()]))
 
 #----------------------------------------------------------------------------
 # Options -> keyword arguments of the training loop.
@@ -211,6 +339,13 @@ def setup_training_config(opts):
     # Random seed.
     c.seed = opts.seed if opts.seed is not None else broadcast_from_rank0(int.from_bytes(os.urandom(4), 'little') % (1 << 31))
 
+    # Consistency distillation: its options only with --consistency=True.
+    cd_given = opts.get('cd_given', {}) # Flags of the distillation options on the command line.
+    if not opts.consistency and len(cd_given) > 0:
+        raise click.ClickException(f'{next(iter(cd_given.values()))} applies only to consistency distillation; pass --consistency=True or leave it out.')
+    if opts.consistency:
+        setup_consistency(opts, c, dataset_obj)
+
     # Transfer learning or resume.
     if opts.transfer is not None and opts.resume is not None:
         raise click.ClickException('--transfer and --resume cannot be used together; --resume already restores the network.')
@@ -232,6 +367,8 @@ def setup_training_config(opts):
     cond_str = 'cond' if c.dataset_kwargs.use_labels else 'uncond'
     dtype_str = 'fp16' if c.network_kwargs.use_fp16 else 'fp32'
     desc = f'{dataset_obj.name}-{cond_str}-{opts.arch}-{opts.precond}-gpus{world_size}-batch{c.batch_size}-{dtype_str}'
+    if opts.consistency:
+        desc += f'-cd{opts.S}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     del dataset_obj
@@ -309,6 +446,30 @@ def init_wandb(opts, c):
 @click.option('--resume',           help='Continue from a training state, or the newest in a run directory', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run',    help='Show the options and stop',                                          is_flag=True)
 
+# Consistency distillation.
+@click.option('--consistency',      help='Distil --teacher into a multistep consistency student', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--teacher',          help='Teacher network snapshot (its EMA)', metavar='PKL|URL',             type=str)
+@click.option('--student_init',     help='Starting weights of the student  [default: teacher; none with --transfer]', type=click.Choice(['teacher', 'random']))
+@click.option('--S', 'S',           help='Student steps (segments)', metavar='INT',                           type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--student_sigmas',   help='Student grid: karras, karras_open or the S-1 interior sigmas', metavar='NAME|LIST', type=str, default='karras', show_default=True)
+@click.option('--T_start', 'T_start', help='Teacher edges at the start', metavar='INT',                       type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--T_end', 'T_end',   help='Teacher edges after the annealing', metavar='INT',                 type=click.IntRange(min=1), default=1280, show_default=True)
+@click.option('--T_anneal_kimg', 'T_anneal_kimg', help='Length of the annealing of T, 0 = T_end at once', metavar='KIMG', type=click.FloatRange(min=0), default=10000, show_default=True)
+@click.option('--T_anneal', 'T_anneal', help='Interpolation of T',                                           type=click.Choice(['geometric', 'linear']), default='geometric', show_default=True)
+@click.option('--rho',              help='Exponent of the Karras grids', metavar='FLOAT',                      type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--sigma_min',        help='Lowest positive noise level of the grids', metavar='FLOAT',          type=click.FloatRange(min=0, min_open=True), default=0.002, show_default=True)
+@click.option('--sigma_max',        help='Highest noise level of the grids', metavar='FLOAT',                  type=click.FloatRange(min=0, min_open=True), default=80, show_default=True)
+@click.option('--sampling_mode',    help='Distribution of the teacher edges',                                  type=click.Choice(list(consistency_ops.SAMPLING_MODES)), default='vp', show_default=True)
+@click.option('--terminal_anchor/--no_terminal_anchor', help='Fixed probability of the terminal edge  [default: on; off with uniform]', default=None)
+@click.option('--terminal_prob',    help='That probability, in (0, 1)  [default: 1/T\']', metavar='FLOAT',     type=float)
+@click.option('--terminal_teacher_hop', help='Terminal reference D_teacher(x_t) instead of the clean image',   is_flag=True)
+@click.option('--cd_target_mode',   help='Target network',                                                     type=click.Choice(list(loss_cd.TARGET_MODES)), default='ema', show_default=True)
+@click.option('--cd_target_ema',    help='Per-step decay of the ema target', metavar='FLOAT',                  type=click.FloatRange(min=0, max=1, max_open=True), default=0.95, show_default=True)
+@click.option('--sync_dropout/--no_sync_dropout', help='Replay the student\'s dropout masks in the target pass  [default: on]', default=True)
+@click.option('--cd_loss',          help='Distance of student and target',                                     type=click.Choice(list(loss_cd.LOSSES)), default='pseudo_huber', show_default=True)
+@click.option('--cd_huber_c',       help='c of pseudo_huber, delta of huber  [default: 0.00054 sqrt(d), 0.00054]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--cd_weight_mode',   help='Weight lambda(sigma) of the loss',                                   type=click.Choice(list(loss_cd.WEIGHT_MODES)), default='sqrt_karras', show_default=True)
+
 # Weights & Biases.
 @click.option('--wandb',            help='Log the statistics to Weights & Biases (rank 0)', metavar='BOOL',    type=bool, default=False, show_default=True)
 @click.option('--wandb_project',    help='W&B project', metavar='STR',                                         type=str, default='edm-cd', show_default=True)
@@ -319,7 +480,8 @@ def init_wandb(opts, c):
 
 def main(**kwargs):
     """Train an EDM diffusion model (Karras et al. 2022) on a dataset made by
-    dataset_tool.py, in one process or in every process that torchrun starts.
+    dataset_tool.py, or distil a trained one into a multistep consistency
+    student, in one process or in every process that torchrun starts.
 
     Examples:
 
@@ -332,8 +494,19 @@ def main(**kwargs):
     # A small network on the digits dataset, on the CPU
     python train.py --outdir=training-runs --data=datasets/digits-16x16.zip \\
         --cbase=32 --cres=1,2 --batch=64 --duration=0.05 --lr_rampup=5 --tick=1 --device=cpu
+
+    \b
+    # Distil it into a 4-step consistency student (same architecture options)
+    python train.py --outdir=training-runs --data=datasets/digits-16x16.zip \\
+        --cbase=32 --cres=1,2 --batch=64 --duration=0.05 --lr_rampup=5 --tick=1 --device=cpu \\
+        --consistency=True --teacher=training-runs/00000-.../network-snapshot-000050.pkl \\
+        --S=4 --T_start=16 --T_end=64 --T_anneal_kimg=40
     """
     opts = dnnlib.EasyDict(kwargs)
+    ctx = click.get_current_context()
+    params = {param.name: param for param in ctx.command.params}
+    opts.cd_given = {name: '/'.join(params[name].opts + params[name].secondary_opts) for name in CD_OPTIONS
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
     try:
         device = dist.init(None if opts.device_type == 'auto' else opts.device_type)
     except ValueError as err:
@@ -353,6 +526,9 @@ def main(**kwargs):
         dist.print0(f'Run directory:    {c.run_dir}')
         dist.print0(f'Dataset:          {c.dataset_kwargs.path} ({"with" if c.dataset_kwargs.use_labels else "without"} labels)')
         dist.print0(f'Network:          {opts.arch}, {opts.precond} preconditioning, {"float16" if c.network_kwargs.use_fp16 else "float32"}' + (' (float16 needs CUDA)' if c.network_kwargs.use_fp16 and device.type != 'cuda' else ''))
+        if opts.consistency:
+            student_init = 'the teacher' if c.get('resume_pkl') == opts.teacher else (f'"{opts.transfer}"' if opts.transfer is not None else 'random')
+            dist.print0(f'Distillation:     S={opts.S} student of "{opts.teacher}", starting from {student_init if opts.resume is None else "the --resume state"}')
         dist.print0(f'Ranks:            {dist.get_world_size()} on {device.type}')
         dist.print0(f'Batch:            {c.batch_size}')
         dist.print0()
@@ -369,7 +545,8 @@ def main(**kwargs):
             wandb_run = rank0_check(lambda: init_wandb(opts, c))
 
         # Train.
-        training_loop.training_loop(**c, wandb_run=wandb_run, device=device)
+        snapshot_extras = student_snapshot_entry if opts.consistency else None
+        training_loop.training_loop(**c, snapshot_extras=snapshot_extras, wandb_run=wandb_run, device=device)
     except BaseException:
         if wandb_run is not None:
             wandb_run.finish(exit_code=1)

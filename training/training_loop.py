@@ -11,6 +11,11 @@ Hooks for other losses and for in-training evaluation, all optional:
 * `loss_fn` is pickled into every snapshot; a loss that must not carry a
   member (a teacher network) drops it in its own `__getstate__`.
 * `snapshot_extras` adds entries to every snapshot.
+* `teacher_pkl` loads a snapshot's `ema` as a frozen teacher (eval mode, no
+  gradients, on the device) and hands it to `loss_fn.set_teacher()`; the
+  teacher runs in the precision of the trained network (its `use_fp16` is set
+  to network_kwargs' `use_fp16`, which takes effect on CUDA). A resumed run
+  loads it again from the same path.
 * `validation_fn` is called every `val_every` ticks on all ranks and returns
   figures for `stats.jsonl` and W&B.
 
@@ -237,6 +242,7 @@ def training_loop(
     snapshot_ticks      = 50,       # Network snapshot every this many ticks, None = never.
     state_dump_ticks    = 500,      # Training state every this many ticks, None = never.
     resume_pkl          = None,     # Initialise the network and EMA from this snapshot's `ema`, by name.
+    teacher_pkl         = None,     # Frozen teacher for loss_fn.set_teacher(): this snapshot's `ema`, None = none.
     resume_state_dump   = None,     # Continue exactly from this training state.
     cudnn_benchmark     = True,     # Let cuDNN pick the fastest kernels?
     snapshot_extras     = None,     # Extra snapshot entries: a dict, or a callable (net, ema, loss_fn, cur_nimg) -> dict.
@@ -321,13 +327,26 @@ def training_loop(
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
-    # Weights from a snapshot.
+    # The frozen teacher of a distillation loss.
+    teacher_data = None
+    if teacher_pkl is not None:
+        if not hasattr(loss_fn, 'set_teacher'):
+            raise ValueError(f'teacher_pkl="{teacher_pkl}" was given, but the loss {type(loss_fn).__name__} takes no teacher; use a loss with set_teacher() or leave teacher_pkl out.')
+        dist.print0(f'Loading the teacher "{teacher_pkl}"...')
+        teacher_data = load_snapshot(teacher_pkl)
+        teacher = teacher_data['ema'].eval().requires_grad_(False).to(device)
+        if hasattr(teacher, 'use_fp16'):
+            teacher.use_fp16 = bool(network_kwargs.get('use_fp16', False))
+        loss_fn.set_teacher(teacher)
+
+    # Weights from a snapshot (the teacher's, when it is the same file).
     if resume_pkl is not None:
         dist.print0(f'Copying the weights of "{resume_pkl}"...')
-        data = load_snapshot(resume_pkl)
+        data = teacher_data if (teacher_data is not None and resume_pkl == teacher_pkl) else load_snapshot(resume_pkl)
         misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
         misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
         del data
+    del teacher_data
 
     # Continue from a training state; the generators come last, after everything that draws from them.
     if state is not None:
