@@ -35,6 +35,7 @@ from torch_utils import distributed as dist
 from training import consistency_ops
 from training import loss_cd
 from training import training_loop
+from training import validation
 
 #----------------------------------------------------------------------------
 # Presets of --arch (EDM's) and the classes of --precond.
@@ -259,6 +260,31 @@ def setup_consistency(opts, c, dataset_obj):
             raise click.ClickException(str(err))
         c.resume_pkl = opts.teacher
 
+def setup_validation(opts, c, dataset_obj):
+    """--val=1: the training loop's validation_fn (training/validation.py), checked on
+    all ranks before any work: detector, reference statistics or dataset."""
+    ref_data = opts.val_ref_data if (opts.val_ref_data is not None or opts.val_ref is not None) else opts.data
+    c.validation_fn = dnnlib.EasyDict(
+        func_name   = 'training.validation.validate',
+        num         = opts.val_num,
+        seed        = opts.val_seed,
+        batch       = opts.val_batch,
+        ref         = opts.val_ref,
+        ref_data    = ref_data,
+        detector    = opts.val_detector,
+        teacher     = opts.val_teacher,
+        agree_num   = opts.val_agree_num if opts.consistency else 0,
+        workers     = opts.workers,
+        resume_dir  = os.path.dirname(os.path.abspath(c.resume_state_dump)) if c.get('resume_state_dump') else None,
+    )
+    c.val_every = opts.val_every
+    c.val_at_start = opts.val_at_start
+    image_shape = [dataset_obj.num_channels, dataset_obj.resolution, dataset_obj.resolution]
+    try:
+        validation.check_options(image_shape, device=opts.device, **c.validation_fn)
+    except ValueError as err:
+        raise click.ClickException(f'--val: {err}')
+
 def student_snapshot_entry(loss_fn, **_kwargs):
     """The `consistency` entry of a student's snapshots (S and the student grid), from which
     `generate.py --sampler=auto` samples the student."""
@@ -353,6 +379,10 @@ def setup_training_config(opts):
         setup_transfer(opts, c, dataset_obj)
     if opts.resume is not None:
         setup_resume(opts, c, dataset_obj)
+
+    # Validation during training.
+    if opts.val:
+        setup_validation(opts, c, dataset_obj)
 
     # W&B.
     if opts.wandb:
@@ -470,6 +500,19 @@ def init_wandb(opts, c):
 @click.option('--cd_huber_c',       help='c of pseudo_huber, delta of huber  [default: 0.00054 sqrt(d), 0.00054]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--cd_weight_mode',   help='Weight lambda(sigma) of the loss',                                   type=click.Choice(list(loss_cd.WEIGHT_MODES)), default='sqrt_karras', show_default=True)
 
+# Validation during training.
+@click.option('--val',              help='Validate during training, 0 = off', metavar='0|1',                   type=click.IntRange(min=0, max=1), default=0, show_default=True)
+@click.option('--val_every',        help='Validate every this many ticks, and at the end', metavar='TICKS',   type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--val_at_start',     help='Also validate before the first step', metavar='BOOL',               type=bool, default=False, show_default=True)
+@click.option('--val_num',          help='Images for the Frechet distance, 0 = agreement only', metavar='INT', type=click.IntRange(min=0), default=10000, show_default=True)
+@click.option('--val_seed',         help='Seed of the first validation image', metavar='INT',                 type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--val_batch',        help='Images per sampler and detector call on each rank', metavar='INT',  type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--val_ref',          help='Reference statistics of the dataset', metavar='NPZ|URL',            type=str)
+@click.option('--val_ref_data',     help='Dataset to compute the reference statistics from  [default: --data]', metavar='ZIP|DIR', type=str)
+@click.option('--val_detector',     help="Feature detector: 'inception', 'pixels', or a pickled network", metavar='NAME|PKL|URL', type=str, default='inception', show_default=True)
+@click.option('--val_teacher',      help="Also the teacher's Frechet distance, once per run", metavar='BOOL',  type=bool, default=True, show_default=True)
+@click.option('--val_agree_num',    help='Seeds of the teacher agreement (distillation), 0 = none', metavar='INT', type=click.IntRange(min=0), default=1000, show_default=True)
+
 # Weights & Biases.
 @click.option('--wandb',            help='Log the statistics to Weights & Biases (rank 0)', metavar='BOOL',    type=bool, default=False, show_default=True)
 @click.option('--wandb_project',    help='W&B project', metavar='STR',                                         type=str, default='edm-cd', show_default=True)
@@ -512,6 +555,7 @@ def main(**kwargs):
     except ValueError as err:
         raise click.ClickException(f'--device={opts.device_type}: {err}')
     opts.device_type = device.type
+    opts.device = device
     logger = None
     wandb_run = None
     try:
