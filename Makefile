@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: test venv clean-venv
+.PHONY: test demo venv clean-venv
 
 venv: $(VENV)/.stamp
 
@@ -17,6 +17,9 @@ $(VENV)/.stamp: requirements.txt
 
 test: venv
 	$(PY) -m pytest tests -q
+
+demo: venv
+	$(PY) demo.py --outdir=demo-runs
 
 clean-venv:
 	rm -rf $(VENV)
