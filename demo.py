@@ -79,6 +79,7 @@ def evaluate(teacher, student, student_grid, dataset_path, num, batch, euler_ste
         mu, sigma = stats.mean_cov()
         rows.append(dict(sampler=name, nfe=nfe, fd_pixels=float(metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)),
             sec=time.time() - start))
+        print(f'  {name}: {num} images, {nfe} NFE, {rows[-1]["sec"]:.1f}s, FD-pixels {rows[-1]["fd_pixels"]:.3f}', flush=True)
     reference = images[runs[0][0]]
     for row in rows:
         mse = float((images[row['sampler']] - reference).square().mean())

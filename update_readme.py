@@ -33,7 +33,10 @@ def _value(param):
         return 'flag'
     if isinstance(param.type, click.Choice):
         return '\\|'.join(str(c) for c in param.type.choices)
-    return param.metavar or param.type.name.upper()
+    return (param.metavar or param.type.name.upper()).replace('|', '\\|')
+
+def _has_default(param):
+    return param.default is not None and 'UNSET' not in repr(param.default)
 
 def _default(param):
     match = re.search(r'\s*\[default: ([^\]]*)\]', param.help or '')
@@ -41,8 +44,10 @@ def _default(param):
         return match.group(1)
     if param.is_flag and param.secondary_opts:
         return param.opts[0] if param.default else param.secondary_opts[0]
-    if param.is_flag or param.default is None:
-        return '' if not param.required else '(required)'
+    if param.required:
+        return '(required)'
+    if param.is_flag or not _has_default(param):
+        return ''
     if isinstance(param.default, (list, tuple)):
         return ','.join(str(v) for v in param.default)
     return str(param.default)
