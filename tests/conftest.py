@@ -7,3 +7,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault('WANDB_MODE', 'disabled')
+
+import pytest # pylint: disable=wrong-import-position
+import torch # pylint: disable=wrong-import-position
+
+@pytest.fixture(scope='session')
+def digits8(tmp_path_factory):
+    """The digits dataset at 8x8 (its native size), written once by dataset_tool.py."""
+    from _train_helpers import build_digits # pylint: disable=import-outside-toplevel
+    return build_digits(tmp_path_factory.mktemp('data') / 'digits8.zip')
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks run several times faster on one thread than on two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ from training import samplers
 from training.loss_cd import ConsistencyDistillLoss, distance, loss_weight
 from training.networks import EDMPrecond
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The networks here are tiny: one thread is several times faster than two on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 #----------------------------------------------------------------------------
 # Closed-form Gaussian teacher and exact consistency function.

@@ -19,17 +19,13 @@ import torch
 from click.testing import CliRunner
 
 import train
-from _train_helpers import ROOT, SMALL_RUN, VALIDATION_CALLS, HookLoss, RecordingRun, build_digits, finish, read_stats, read_wandb_history, run_dirs, start_train, subprocess_env
+from _train_helpers import ROOT, SMALL_RUN, VALIDATION_CALLS, HookLoss, RecordingRun, finish, read_stats, read_wandb_history, run_dirs, start_train, subprocess_env
 from training import training_loop
 
 RUN_NAME = 'digits8-uncond-ddpmpp-edm-gpus1-batch64-fp32'
 
 #----------------------------------------------------------------------------
 # Fixtures: the dataset, and three runs of train.py.
-
-@pytest.fixture(scope='module')
-def digits8(tmp_path_factory):
-    return build_digits(tmp_path_factory.mktemp('data') / 'digits8.zip')
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, digits8):
@@ -336,13 +332,6 @@ def test_find_latest_state(tmp_path):
 
 #----------------------------------------------------------------------------
 # The loop's hooks, in-process with a tiny network.
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def loop_kwargs(run_dir, digits8, **kwargs):
     return dict(dict(

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 import generate
 import train
-from _train_helpers import build_digits, finish, read_stats, run_dirs, start_train
+from _train_helpers import finish, read_stats, run_dirs, start_train
 from training import samplers
 from training import training_loop
 from training.networks import EDMPrecond
@@ -31,10 +31,6 @@ RUN_NAME = 'digits8-uncond-ddpmpp-edm-gpus1-batch32-fp32-cd4'
 
 #----------------------------------------------------------------------------
 # Fixtures: the dataset, a teacher written by train.py, and three distillation runs.
-
-@pytest.fixture(scope='module')
-def digits8(tmp_path_factory):
-    return build_digits(tmp_path_factory.mktemp('data') / 'digits8.zip')
 
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory, digits8):

@@ -10,14 +10,14 @@ import sys
 import pytest
 import torch
 
-from _train_helpers import ROOT, SMALL_RUN, build_digits, read_stats, run_dirs, subprocess_env
+from _train_helpers import ROOT, SMALL_RUN, read_stats, run_dirs, subprocess_env
 
 def torchrun(*args, timeout=600):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
-def test_torchrun_trains_on_two_cpu_ranks(tmp_path):
-    data = build_digits(tmp_path / 'digits8.zip')
+def test_torchrun_trains_on_two_cpu_ranks(tmp_path, digits8):
+    data = digits8
     outdir = tmp_path / 'runs'
     proc = torchrun('train.py', f'--outdir={outdir}', f'--data={data}', '--cbase=16', '--cres=1', '--batch-gpu=16', '--duration=0.001', *SMALL_RUN, '--workers=1')
     assert proc.returncode == 0, proc.stderr[-3000:]

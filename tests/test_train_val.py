@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from _train_helpers import ROOT, build_digits, finish, read_stats, run_dirs, start_train, subprocess_env
+from _train_helpers import ROOT, finish, read_stats, run_dirs, start_train, subprocess_env
 
 ARCH = ['--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0']
 SMALL = ['--tick=1', '--snap=1', '--dump=1', '--seed=1', '--workers=0', '--device=cpu', '--lr_rampup=1', '--batch=32']
@@ -18,10 +18,6 @@ CD = ['--consistency=True', '--S=4', '--T_start=8', '--T_end=16', '--T_anneal_ki
 VAL = ['--val=1', '--val_detector=pixels', '--val_num=64', '--val_agree_num=16', '--val_batch=32', '--val_every=1', '--val_at_start=True']
 
 #----------------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def digits8(tmp_path_factory):
-    return build_digits(tmp_path_factory.mktemp('data') / 'digits8.zip')
 
 @pytest.fixture(scope='module')
 def teacher(tmp_path_factory, digits8):

@@ -20,13 +20,7 @@ from _val_worker import LABEL_DIM, NET_KWARGS, VAL_KWARGS, make_loss, make_net, 
 from training import metrics, samplers, training_loop, validation
 from training.loss import EDMLoss
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The networks here are tiny: one thread is several times faster than two on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
