@@ -64,7 +64,7 @@ def evaluate(teacher, student, student_grid, dataset_path, num, batch, euler_ste
     ref_mu, ref_sigma = ref.mean_cov()
     runs = [
         ('teacher, Heun',           teacher, samplers.edm_sampler,      dict(num_steps=heun_steps),  2 * heun_steps - 1),
-        (f'teacher, Euler',         teacher, samplers.euler_sampler,    dict(num_steps=euler_steps), euler_steps),
+        ('teacher, Euler',         teacher, samplers.euler_sampler,    dict(num_steps=euler_steps), euler_steps),
         (f'student, {len(student_grid) - 1} steps', student, samplers.student_sampler, dict(sigmas=student_grid), len(student_grid) - 1),
     ]
     indices = list(range(num))
@@ -222,10 +222,10 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     print(table)
     print()
     print(f'Output folder:  {out}')
-    print(f'  grids.png     the three samplers from seeds 0-63 (and grid-*.png at full size)')
-    print(f'  curves.png    training loss and validation figures over kimg')
-    print(f'  summary.md    the table above; summary.json with the figures')
-    print(f'  teacher/, student/   the two training runs (snapshots, stats.jsonl, metrics-val.jsonl, log.txt)')
+    print('  grids.png     the three samplers from seeds 0-63 (and grid-*.png at full size)')
+    print('  curves.png    training loss and validation figures over kimg')
+    print('  summary.md    the table above; summary.json with the figures')
+    print('  teacher/, student/   the two training runs (snapshots, stats.jsonl, metrics-val.jsonl, log.txt)')
     print(f'Total time:     {dnnlib.util.format_time(total)}')
     print()
     verdict = 'PASSED' if passed else 'FAILED'

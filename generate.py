@@ -6,7 +6,6 @@ come from one random generator per seed, so the batch size and the number of
 `torchrun` processes do not change the result."""
 
 import os
-import pickle
 import re
 
 import click
@@ -15,9 +14,9 @@ import PIL.Image
 import torch
 import tqdm
 
-import dnnlib
 from torch_utils import distributed as dist
 from training import samplers
+from training import training_loop
 
 #----------------------------------------------------------------------------
 # Command-line parsing.
@@ -48,17 +47,12 @@ class SeedList(click.ParamType):
 # Snapshot loading and sampler selection.
 
 def load_snapshot(network_pkl):
-    """The snapshot dict of an EDM-format pickle (path or URL); ClickException if unreadable."""
+    """The snapshot dict of an EDM-format pickle (path or URL), read by rank 0 first so that
+    a download is cached once; ClickException if it cannot be used."""
     try:
-        with dnnlib.util.open_url(network_pkl, verbose=(dist.get_rank() == 0)) as f:
-            data = pickle.load(f)
+        return training_loop.load_snapshot(network_pkl)
     except ValueError as err:
         raise click.ClickException(str(err))
-    except Exception as err:
-        raise click.ClickException(f'Cannot read the network pickle "{network_pkl}" ({type(err).__name__}: {err}); give an EDM network snapshot.')
-    if not isinstance(data, dict) or 'ema' not in data:
-        raise click.ClickException(f'"{network_pkl}" is not an EDM network snapshot (a pickled dict with the network under "ema"); give a network-snapshot-*.pkl.')
-    return data
 
 def student_grid(data, network_pkl):
     """The student sigmas of a consistency snapshot, None for a plain diffusion network."""

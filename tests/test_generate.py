@@ -181,10 +181,10 @@ def fails(expected, *args, exit_code=1):
 def test_unreadable_network(tmp_path):
     fails('is neither an existing file', '--network', tmp_path / 'missing.pkl', '--outdir', tmp_path / 'out')
     (tmp_path / 'junk.pkl').write_bytes(b'this is not a pickle')
-    fails('Cannot read the network pickle', '--network', tmp_path / 'junk.pkl', '--outdir', tmp_path / 'out')
+    fails('cannot be loaded as a network snapshot', '--network', tmp_path / 'junk.pkl', '--outdir', tmp_path / 'out')
     with open(tmp_path / 'dict.pkl', 'wb') as f:
         pickle.dump(dict(net=1), f)
-    fails('is not an EDM network snapshot', '--network', tmp_path / 'dict.pkl', '--outdir', tmp_path / 'out')
+    fails('is not a network snapshot', '--network', tmp_path / 'dict.pkl', '--outdir', tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
 
 def test_bad_class(tmp_path):

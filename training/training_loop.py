@@ -101,10 +101,13 @@ def load_snapshot(path_or_url):
     if dist.get_rank() != 0:
         dist.barrier()
     try:
-        with dnnlib.util.open_url(path_or_url, verbose=(dist.get_rank() == 0)) as f:
-            data = pickle.load(f)
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:
-        raise ValueError(f'"{path_or_url}" cannot be loaded as a network snapshot ({err}); pass a network-snapshot-*.pkl or its URL.') from err
+        with dnnlib.util.open_url(path_or_url, verbose=(dist.get_rank() == 0)) as f: # A bad path is a ValueError that says so.
+            try:
+                data = pickle.load(f)
+            except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:
+                raise ValueError(f'"{path_or_url}" cannot be loaded as a network snapshot ({err}); pass a network-snapshot-*.pkl or its URL.') from err
+    except OSError as err: # A download that failed after its retries.
+        raise ValueError(str(err)) from err
     finally:
         if dist.get_rank() == 0:
             dist.barrier()
