@@ -5,7 +5,6 @@ compare the student with the teacher's own samplers from the same seeds."""
 import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -16,9 +15,9 @@ import PIL.Image
 import torch
 
 import dnnlib
+from training import checkpoint
 from training import metrics
 from training import samplers
-from training import validation
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,9 +48,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 def load_network(path, device):
-    import pickle # pylint: disable=import-outside-toplevel
-    with open(path, 'rb') as f:
-        data = pickle.load(f)
+    data = checkpoint.load_snapshot(path)
     return data['ema'].to(device).eval(), data
 
 #----------------------------------------------------------------------------
@@ -72,19 +69,17 @@ def evaluate(teacher, student, student_grid, dataset_path, num, batch, euler_ste
     rows = []
     for name, net, sample_fn, kwargs, nfe in runs:
         start = time.time()
-        out = torch.cat([validation.generate_images(net, chunk, 0, device, sample_fn, **kwargs) for chunk in
+        out = torch.cat([samplers.generate_images(net, chunk, device, sample_fn, classes=chunk, **kwargs) for chunk in
             [indices[i : i + batch] for i in range(0, num, batch)]])
         images[name] = out
-        stats = metrics.compute_feature_stats(validation.to_uint8(out), detector, batch_size=256, all_reduce=False)
+        stats = metrics.compute_feature_stats(samplers.to_uint8(out), detector, batch_size=256, all_reduce=False)
         mu, sigma = stats.mean_cov()
         rows.append(dict(sampler=name, nfe=nfe, fd_pixels=float(metrics.frechet_distance(mu, sigma, ref_mu, ref_sigma)),
             sec=time.time() - start))
         print(f'  {name}: {num} images, {nfe} NFE, {rows[-1]["sec"]:.1f}s, FD-pixels {rows[-1]["fd_pixels"]:.3f}', flush=True)
     reference = images[runs[0][0]]
     for row in rows:
-        mse = float((images[row['sampler']] - reference).square().mean())
-        row['agree_rmse'] = float(np.sqrt(mse))
-        row['agree_psnr'] = float(10 * np.log10(4 / mse)) if mse > 0 else float('inf')
+        row.update(metrics.agreement(float((images[row['sampler']] - reference).square().mean())))
     return rows, images
 
 def format_table(rows):
@@ -113,7 +108,7 @@ def labelled_grids(grids, path, scale=3):
         draw.text((x, pad), title, fill='black')
         canvas.paste(tile, (x, pad + head))
         x += tile.width + pad
-    canvas.save(path)
+    dnnlib.util.write_atomic(path, lambda f: canvas.save(f, format='PNG'))
 
 def plot_curves(teacher_dir, student_dir, path):
     """Training loss and validation figures over kimg for both runs, as one PNG."""
@@ -138,14 +133,10 @@ def plot_curves(teacher_dir, student_dir, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    dnnlib.util.write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=100))
     plt.close(fig)
 
 #----------------------------------------------------------------------------
-
-def next_run_dir(outdir):
-    ids = [int(m.group()) for m in (re.match(r'^\d+', name) for name in (os.listdir(outdir) if os.path.isdir(outdir) else [])) if m]
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-demo')
 
 @click.command()
 @click.option('--outdir',           help='Parent folder of the demo\'s output folder', metavar='DIR',        type=str, default='demo-runs', show_default=True)
@@ -167,8 +158,7 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     """
     start_time = time.time()
     torch.manual_seed(seed)
-    out = next_run_dir(outdir)
-    os.makedirs(out)
+    out = dnnlib.util.claim_run_dir(outdir, 'demo')
     print(f'Demo output folder: {out}', flush=True)
     data = os.path.join(out, 'digits-16x16.zip')
     teacher_dir = os.path.join(out, 'teacher')
@@ -212,10 +202,8 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     passed = student_row['fd_pixels'] < euler['fd_pixels'] and student_row['agree_rmse'] < euler['agree_rmse']
     total = time.time() - start_time
     summary = dict(rows=rows, passed=passed, seconds=total, teacher=teacher_pkl, student=student_pkl, eval_num=eval_num)
-    with open(os.path.join(out, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, 'summary.md'), 'w') as f:
-        f.write(table + '\n')
+    dnnlib.util.write_atomic(os.path.join(out, 'summary.json'), lambda f: f.write(json.dumps(summary, indent=2).encode('utf-8')))
+    dnnlib.util.write_atomic(os.path.join(out, 'summary.md'), lambda f: f.write((table + '\n').encode('utf-8')))
     print()
     print(f'Results ({eval_num} images per sampler, FD-pixels against the {os.path.basename(data)} dataset, agreement against the teacher\'s Heun samples from the same noise):')
     print()

@@ -20,16 +20,6 @@ def user_errors():
     except ValueError as err:
         raise click.ClickException(str(err)) from err
 
-def rank0_first(fn, *args, **kwargs):
-    """Call fn on rank 0, then on the other ranks (a download lands in the cache once)."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-
 def dataset_stats(images, detector, batch, workers):
     """Mean and covariance of the detector's features of all images, over all ranks."""
     dist.print0(f'Computing features of {len(images)} images with detector "{detector.name}" on {dist.get_world_size()} rank(s)...')
@@ -77,7 +67,8 @@ def calc(image_path, ref_path, num, seed, batch, detector, workers):
     device = dist.init()
     dist.print0(f'Loading reference statistics from "{ref_path}"...')
     with user_errors():
-        ref = rank0_first(metrics.load_ref_stats, ref_path)
+        with dist.rank0_first():
+            ref = metrics.load_ref_stats(ref_path)
         metrics.check_ref_stats(ref, metrics.detector_name(detector))
         detector = metrics.load_detector(detector, device=device)
         images = metrics.open_image_dataset(image_path, num=num, seed=seed)

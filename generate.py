@@ -5,18 +5,19 @@ Each image depends only on its seed: latents, class labels and sampler noise
 come from one random generator per seed, so the batch size and the number of
 `torchrun` processes do not change the result."""
 
+import contextlib
 import os
 import re
 
 import click
-import numpy as np
 import PIL.Image
 import torch
 import tqdm
 
+import dnnlib
 from torch_utils import distributed as dist
+from training import checkpoint
 from training import samplers
-from training import training_loop
 
 #----------------------------------------------------------------------------
 # Command-line parsing.
@@ -44,15 +45,15 @@ class SeedList(click.ParamType):
         return seeds
 
 #----------------------------------------------------------------------------
-# Snapshot loading and sampler selection.
+# Errors and the student grid.
 
-def load_snapshot(network_pkl):
-    """The snapshot dict of an EDM-format pickle (path or URL), read by rank 0 first so that
-    a download is cached once; ClickException if it cannot be used."""
+@contextlib.contextmanager
+def user_errors():
+    """Stop with the one-sentence message of a ValueError from the library (bad device, path or file)."""
     try:
-        return training_loop.load_snapshot(network_pkl)
+        yield
     except ValueError as err:
-        raise click.ClickException(str(err))
+        raise click.ClickException(str(err)) from err
 
 def student_grid(data, network_pkl):
     """The student sigmas of a consistency snapshot, None for a plain diffusion network."""
@@ -71,22 +72,9 @@ def student_grid(data, network_pkl):
 # Output.
 
 def save_png(image, path):
-    """Write a uint8 HWC array as PNG through a temporary name."""
-    mode = 'L' if image.shape[2] == 1 else 'RGB'
-    tmp = f'{path}.tmp{os.getpid()}'
-    PIL.Image.fromarray(image[:, :, 0] if mode == 'L' else image, mode).save(tmp, format='PNG')
-    os.replace(tmp, path)
-
-def make_grid(images):
-    """Tile uint8 HWC images row by row into a near-square grid (empty cells black)."""
-    num = len(images)
-    cols = int(np.ceil(np.sqrt(num)))
-    rows = (num - 1) // cols + 1
-    h, w, c = images[0].shape
-    grid = np.zeros([rows, cols, h, w, c], dtype=np.uint8)
-    for i, image in enumerate(images):
-        grid[i // cols, i % cols] = image
-    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    """Write a uint8 HWC array as PNG, atomically."""
+    image = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image, 'L' if image.shape[2] == 1 else 'RGB')
+    dnnlib.util.write_atomic(path, lambda f: image.save(f, format='PNG'))
 
 #----------------------------------------------------------------------------
 
@@ -109,7 +97,7 @@ def make_grid(images):
 @click.option('--S_min', 'S_min',          help='Stochastic min noise level (heun/euler)  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--S_max', 'S_max',          help='Stochastic max noise level (heun/euler)  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--S_noise', 'S_noise',      help='Stochastic noise inflation (heun/euler)  [default: 1]', metavar='FLOAT', type=float)
-@click.option('--stochastic',              help='Re-noise between the steps of the student', is_flag=True)
+@click.option('--stochastic',              help='Re-noise between the steps of the student', metavar='BOOL',           type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
 
 def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, device, sampler, stochastic, **sampler_kwargs):
     """Generate images with a diffusion network or a multistep consistency student.
@@ -133,18 +121,10 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
     sampler_kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     if outdir is None and grid is None:
         raise click.ClickException('Nothing would be saved; give --outdir for one PNG per seed, --grid for a grid image, or both.')
-    try:
+    with user_errors():
         device = dist.init(device_type=None if device == 'auto' else device)
-    except ValueError as err:
-        raise click.ClickException(str(err))
-
-    # Load the network on rank 0 first, so that a download happens once.
-    if dist.get_rank() != 0:
-        dist.barrier()
-    dist.print0(f'Loading network from "{network_pkl}"...')
-    data = load_snapshot(network_pkl)
-    if dist.get_rank() == 0:
-        dist.barrier()
+        dist.print0(f'Loading network from "{network_pkl}"...')
+        data = checkpoint.load_snapshot(network_pkl)
     net = data['ema'].to(device).eval().requires_grad_(False)
     sigmas = student_grid(data, network_pkl)
 
@@ -188,19 +168,8 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
         if len(batch_seeds) == 0:
             continue
 
-        # Latents first, then class labels, from each seed's own generator.
-        rnd = samplers.StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        class_labels = None
-        if net.label_dim:
-            class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)]
-            if class_idx is not None:
-                class_labels[:, :] = 0
-                class_labels[:, class_idx] = 1
-
-        with torch.no_grad():
-            images = sample_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sample_kwargs)
-        images = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = samplers.generate_images(net, batch_seeds.tolist(), device, sample_fn, classes=class_idx, **sample_kwargs)
+        images = samplers.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
         for seed, image in zip(batch_seeds.tolist(), images):
             if outdir is not None:
@@ -212,16 +181,13 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
 
     # Collect the images of every process for the grid.
     if grid is not None:
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, results)
-            results = [item for part in gathered for item in part]
+        results = [item for part in dist.gather_objects(results) for item in part]
         if dist.get_rank() == 0:
             order = {seed: i for i, seed in enumerate(seeds)}
             results.sort(key=lambda item: order[item[0]])
             if os.path.dirname(grid):
                 os.makedirs(os.path.dirname(grid), exist_ok=True)
-            save_png(make_grid([image for _seed, image in results]), grid)
+            save_png(samplers.image_grid([image for _seed, image in results]), grid)
 
     dist.barrier()
     dist.print0('Done.')

@@ -76,7 +76,7 @@ def main(resolution, channels, cbase, blocks, dropout, batch, S, T, target, step
     cd_net = copy.deepcopy(teacher).train().requires_grad_(True)
     teacher.eval().requires_grad_(False)
     edm_loss = EDMLoss()
-    cd_loss = ConsistencyDistillLoss(teacher_net=teacher, S=S, T_start=T, T_end=T, target_mode=target)
+    cd_loss = ConsistencyDistillLoss(S=S, T_start=T, T_end=T, target_mode=target).set_teacher(teacher)
     edm_opt = torch.optim.Adam(edm_net.parameters(), lr=1e-4)
     cd_opt = torch.optim.Adam(cd_net.parameters(), lr=1e-4)
     images = torch.rand([batch, channels, resolution, resolution], device=device) * 2 - 1

@@ -1,5 +1,6 @@
 """Dictionaries with attribute access, URL and file opening with a download
-cache, construction of objects by class name, and log-file teeing."""
+cache, atomic file writes, construction of objects by class name, and
+log-file teeing."""
 
 import hashlib
 import importlib
@@ -79,6 +80,43 @@ class Logger:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+#----------------------------------------------------------------------------
+# Files.
+
+def write_atomic(path, write_fn):
+    """Write a binary file through `<path>.tmp-<pid>` in the same folder and
+    rename it into place, so that `path` is either absent, old or complete.
+    `write_fn(f)` writes the content into the open file `f`."""
+    temp_path = f'{path}.tmp-{os.getpid()}'
+    try:
+        with open(temp_path, 'wb') as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+def next_run_dir(outdir, desc):
+    """`outdir/<id>-<desc>` with the id one above the largest id that starts a name in outdir."""
+    names = os.listdir(outdir) if os.path.isdir(outdir) else []
+    ids = [int(m.group()) for m in (re.match(r'^\d+', name) for name in names) if m]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+def claim_run_dir(outdir, desc):
+    """Create the next run directory of outdir (see next_run_dir) and return its path. The
+    id is claimed by exclusive creation, the next one on a collision, so that runs started
+    together get distinct directories."""
+    while True:
+        path = next_run_dir(outdir, desc)
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
 
 #----------------------------------------------------------------------------
 
@@ -249,15 +287,7 @@ def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_
         safe_name = re.sub(r'[^0-9a-zA-Z._-]', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'file'
         path = os.path.join(cache_dir, url_md5 + '_' + safe_name)
         os.makedirs(cache_dir, exist_ok=True)
-        fd, temp_path = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-' + url_md5 + '_')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-            os.replace(temp_path, path)
-        except BaseException:
-            if os.path.exists(temp_path):
-                os.remove(temp_path)
-            raise
+        write_atomic(path, lambda f: f.write(data))
         if return_filename:
             return path
     return io.BytesIO(data)

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Options that keep the CPU runs small and deterministic.
 SMALL_RUN = ['--batch=64', '--tick=1', '--snap=1', '--dump=1', '--seed=1', '--workers=0', '--lr_rampup=0', '--device=cpu']
+TINY_ARCH = ['--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0'] # The architecture of the shared test teacher.
 
 def subprocess_env(wandb_home=None):
     """One thread per process: on a shared 2-core machine OpenMP's spinning threads are far slower.
@@ -31,6 +32,12 @@ def build_digits(dest):
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return str(dest)
+
+def train_teacher(outdir, data):
+    """A teacher trained by train.py for 1 kimg on `data`; returns its last snapshot."""
+    res = finish(start_train(f'--outdir={outdir}', '--nosubdir', f'--data={data}', *TINY_ARCH, *SMALL_RUN, '--duration=0.001'))
+    assert res[0] == 0, res[2][-3000:]
+    return os.path.join(str(outdir), 'network-snapshot-000001.pkl')
 
 def start_train(*args, python_flags=(), wandb_home=None):
     """Start train.py; returns the Popen."""

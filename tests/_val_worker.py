@@ -55,7 +55,7 @@ def make_net(seed):
 def make_loss(teacher):
     """A 2-step consistency distillation loss with `teacher` attached."""
     from training.loss_cd import ConsistencyDistillLoss # pylint: disable=import-outside-toplevel
-    return ConsistencyDistillLoss(teacher_net=teacher, S=2, T_start=4, T_end=4, T_anneal_kimg=0)
+    return ConsistencyDistillLoss(S=2, T_start=4, T_end=4, T_anneal_kimg=0).set_teacher(teacher)
 
 if __name__ == '__main__':
     from torch_utils import distributed as dist

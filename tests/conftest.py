@@ -17,6 +17,12 @@ def digits8(tmp_path_factory):
     from _train_helpers import build_digits # pylint: disable=import-outside-toplevel
     return build_digits(tmp_path_factory.mktemp('data') / 'digits8.zip')
 
+@pytest.fixture(scope='session')
+def teacher(tmp_path_factory, digits8):
+    """A small EDM teacher trained by train.py on digits8, shared by the distillation and validation tests."""
+    from _train_helpers import train_teacher # pylint: disable=import-outside-toplevel
+    return train_teacher(tmp_path_factory.mktemp('teacher'), digits8)
+
 @pytest.fixture
 def one_thread():
     """Tiny networks run several times faster on one thread than on two busy cores."""

@@ -8,25 +8,21 @@ import numpy as np
 import pytest
 import torch
 
+from _gaussian import denoise, flow
 from training import consistency_ops as ops
 from training.samplers import karras_sigmas, student_sigmas
 
 #----------------------------------------------------------------------------
-# Closed-form Gaussian: y ~ N(mu, s^2 I).
+# The closed-form Gaussian of _gaussian.py with y ~ N(MU, STD^2 I).
 
 MU = 0.3
 STD = 0.5
 
 def gauss_D(x, sigma):
-    """Exact denoiser of the Gaussian."""
-    sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape([-1] + [1] * (x.ndim - 1))
-    return MU + STD ** 2 / (STD ** 2 + sigma ** 2) * (x - MU)
+    return denoise(x, MU, STD, sigma)
 
 def gauss_flow(x, sigma_a, sigma_b):
-    """Exact probability-flow ODE solution from sigma_a to sigma_b."""
-    sa = torch.as_tensor(sigma_a, dtype=x.dtype).reshape([-1] + [1] * (x.ndim - 1))
-    sb = torch.as_tensor(sigma_b, dtype=x.dtype).reshape([-1] + [1] * (x.ndim - 1))
-    return MU + (x - MU) * torch.sqrt(STD ** 2 + sb ** 2) / torch.sqrt(STD ** 2 + sa ** 2)
+    return flow(x, MU, STD, sigma_a, sigma_b)
 
 def gauss_denoiser(calls=None):
     def denoise(x, sigma, rows):

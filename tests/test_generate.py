@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import generate
 from training import samplers
-from _gen_nets import GaussianNet, flow
+from _gaussian import GaussianNet, flow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_MEANS = [-0.6 + 0.13 * c for c in range(10)]
@@ -220,5 +220,5 @@ def test_sampler_option_errors(tmp_path):
         pickle.dump(dict(ema=GaussianNet(), consistency=dict(S=3, student_sigmas=[80.0, 1.0, 0.0])), f)
     fails('The consistency metadata of', '--network', tmp_path / 'bad.pkl', *out)
     if not torch.cuda.is_available():
-        fails('CUDA was requested but no CUDA device is available', '--network', teacher, *out, '--device', 'cuda')
+        fails('CUDA was requested (--device=cuda) but no CUDA device is available', '--network', teacher, *out, '--device', 'cuda')
     assert not (tmp_path / 'out').exists()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _gaussian import GaussianDenoiser
 from torch_utils import training_stats
 from training import consistency_ops as ops
 from training import samplers
@@ -20,51 +21,7 @@ from training.networks import EDMPrecond
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 #----------------------------------------------------------------------------
-# Closed-form Gaussian teacher and exact consistency function.
-
-class GaussianDenoiser(torch.nn.Module):
-    """Exact denoiser of y ~ N(mu, s^2 I) behind EDM's network interface.
-    Computes in the input's precision; `out_dtype` casts its output (reduced-precision networks).
-    With `class_shift` [label_dim] the mean moves by class_labels @ class_shift, and by the first
-    augmentation label when one is given (a conditional Gaussian per sample)."""
-
-    def __init__(self, mu, std, img_channels, img_resolution, out_dtype=None, class_shift=None):
-        super().__init__()
-        self.register_buffer('mu', torch.as_tensor(mu, dtype=torch.float64).reshape(1, img_channels, img_resolution, img_resolution))
-        self.class_shift = None if class_shift is None else torch.as_tensor(class_shift, dtype=torch.float64)
-        self.std = std
-        self.img_channels = img_channels
-        self.img_resolution = img_resolution
-        self.label_dim = 0 if class_shift is None else len(class_shift)
-        self.sigma_min = 0
-        self.sigma_max = float('inf')
-        self.out_dtype = out_dtype
-        self.sigmas = [] # Noise levels of every call, for the tests.
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-    def mean(self, dtype, class_labels=None, augment_labels=None):
-        mu = self.mu.to(dtype)
-        if self.class_shift is not None and class_labels is not None:
-            mu = mu + (class_labels.to(dtype) @ self.class_shift.to(dtype)).reshape(-1, 1, 1, 1)
-        if augment_labels is not None:
-            mu = mu + augment_labels[:, :1].to(dtype).reshape(-1, 1, 1, 1)
-        return mu
-
-    def flow(self, x, sigma_a, sigma_b, class_labels=None, augment_labels=None):
-        """Exact probability-flow ODE map sigma_a -> sigma_b."""
-        sa = torch.as_tensor(sigma_a, dtype=x.dtype).reshape(-1, 1, 1, 1)
-        sb = torch.as_tensor(sigma_b, dtype=x.dtype).reshape(-1, 1, 1, 1)
-        mu = self.mean(x.dtype, class_labels, augment_labels)
-        return mu + (x - mu) * torch.sqrt(self.std ** 2 + sb ** 2) / torch.sqrt(self.std ** 2 + sa ** 2)
-
-    def forward(self, x, sigma, class_labels=None, augment_labels=None):
-        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
-        self.sigmas.append(sigma.flatten().clone())
-        mu = self.mean(x.dtype, class_labels, augment_labels)
-        out = mu + self.std ** 2 / (self.std ** 2 + sigma ** 2) * (x - mu)
-        return out if self.out_dtype is None else out.to(self.out_dtype)
+# The closed-form Gaussian teacher (_gaussian.py) and the exact consistency function.
 
 class ExactConsistency(torch.nn.Module):
     """The ideal multistep student of the Gaussian: at sigma in segment j it predicts the x whose
@@ -139,8 +96,8 @@ def _closed_form_target(d, student, teacher_grid, terminal_teacher_hop, mu=None,
 def test_target_matches_closed_form(layout, terminal_teacher_hop):
     teacher = gaussian()
     for precision, atol in [('float64', 1e-5), ('float32', None)]:
-        loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=8, T_start=64, T_end=64, student_sigmas=layout,
-            sampling_mode='uniform', target_mode='live', terminal_teacher_hop=terminal_teacher_hop, precision=precision)
+        loss_fn = ConsistencyDistillLoss(S=8, T_start=64, T_end=64, student_sigmas=layout,
+            sampling_mode='uniform', target_mode='live', terminal_teacher_hop=terminal_teacher_hop, precision=precision).set_teacher(teacher)
         exact = ExactConsistency(teacher, loss_fn.student_sigmas())
         torch.manual_seed(0)
         d = loss_fn.draw(exact, gaussian_images(400, seed=1))
@@ -166,8 +123,8 @@ def test_labels_and_augmentation_follow_the_samples(target_mode):
     # A conditional Gaussian: every network must see each sample's own class and augmentation
     # labels, through the subsets of the teacher hop and the target pass.
     teacher = GaussianDenoiser(MU, STD, 4, 1, class_shift=[-1.0, 0.0, 2.0])
-    loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=32, T_end=32, sampling_mode='uniform',
-        target_mode=target_mode, terminal_teacher_hop=True, precision='float64')
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, sampling_mode='uniform',
+        target_mode=target_mode, terminal_teacher_hop=True, precision='float64').set_teacher(teacher)
     student = ExactConsistency(teacher, loss_fn.student_sigmas())
     gen = torch.Generator().manual_seed(11)
     classes = torch.randint(0, 3, [300], generator=gen)
@@ -189,8 +146,8 @@ def test_target_converges_to_exact_consistency_function(layout):
     teacher = gaussian()
     errors = []
     for T in [256, 1280]:
-        loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=8, T_start=T, T_end=T, student_sigmas=layout,
-            sampling_mode='uniform', target_mode='live', precision='float64')
+        loss_fn = ConsistencyDistillLoss(S=8, T_start=T, T_end=T, student_sigmas=layout,
+            sampling_mode='uniform', target_mode='live', precision='float64').set_teacher(teacher)
         exact = ExactConsistency(teacher, loss_fn.student_sigmas())
         torch.manual_seed(1)
         d = loss_fn.draw(exact, gaussian_images(2000, seed=2, dtype=torch.float64))
@@ -226,7 +183,7 @@ class MaskNet(torch.nn.Module):
 def test_live_target_replays_student_dropout():
     torch.manual_seed(0)
     net = MaskNet().train()
-    loss_fn = ConsistencyDistillLoss(teacher_net=gaussian(), S=4, T_start=32, T_end=32, target_mode='live', sampling_mode='uniform')
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='live', sampling_mode='uniform').set_teacher(gaussian())
     images = gaussian_images(64, seed=3)
     loss_fn(net, images).sum().backward()
     target_mask, student_mask = net.masks
@@ -245,7 +202,7 @@ def test_live_target_replays_student_dropout():
     torch.testing.assert_close(d.target_out, own, rtol=0, atol=0)
 
     # Control: without sync_dropout the target draws masks of its own.
-    loss_fn = ConsistencyDistillLoss(teacher_net=gaussian(), S=4, T_start=32, T_end=32, target_mode='live', sync_dropout=False)
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='live', sync_dropout=False).set_teacher(gaussian())
     net.masks.clear()
     d = loss_fn.draw(net, images)
     net(d.x_t, d.sigma_t)
@@ -261,7 +218,7 @@ def test_live_target_replays_dropout_of_edm_network():
     with torch.no_grad(): # Leave EDM's near-zero output initialisation, so that dropout shows.
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=32, T_end=32, target_mode='live')
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='live').set_teacher(teacher)
     d = loss_fn.draw(net, torch.rand(12, 1, 8, 8) * 2 - 1)
     assert d.general.numel() > 0
     torch.set_rng_state(d.rng_state)
@@ -276,7 +233,7 @@ def test_live_target_replays_dropout_of_edm_network():
 def test_ema_target_moves_by_decay():
     torch.manual_seed(2)
     net = MaskNet(p=0)
-    loss_fn = ConsistencyDistillLoss(teacher_net=gaussian(), S=4, T_start=32, T_end=32, target_mode='ema', target_ema=0.9)
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='ema', target_ema=0.9).set_teacher(gaussian())
     loss_fn(net, gaussian_images(16, seed=4))
     before = {k: v.clone() for k, v in loss_fn.target.state_dict().items()}
     for k, v in net.state_dict().items():
@@ -299,7 +256,7 @@ def test_ema_target_moves_by_decay():
 def test_teacher_target_and_vectorised_calls():
     teacher = gaussian()
     student = MaskNet(p=0).eval()
-    loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=32, T_end=32, target_mode='teacher', sampling_mode='uniform')
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='teacher', sampling_mode='uniform').set_teacher(teacher)
     torch.manual_seed(3)
     d = loss_fn.draw(student, gaussian_images(200, seed=6))
     hop = d.case != ops.TERMINAL
@@ -312,7 +269,7 @@ def test_teacher_target_and_vectorised_calls():
     # With the student in eval mode, the live target runs on the general samples only.
     calls = []
     student.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
-    loss_fn = ConsistencyDistillLoss(teacher_net=gaussian(), S=4, T_start=32, T_end=32, target_mode='live', sampling_mode='uniform')
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='live', sampling_mode='uniform').set_teacher(gaussian())
     d = loss_fn.draw(student, gaussian_images(200, seed=7))
     assert calls == [d.general.numel()]
 
@@ -325,7 +282,7 @@ def test_float32_arithmetic_under_autocast():
         if not autocast: # The same bfloat16-rounded outputs, as float32.
             teacher.forward = _rounded(teacher.forward)
             student.forward = _rounded(student.forward)
-        loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=32, T_end=32, target_mode='live', loss='l2')
+        loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='live', loss='l2').set_teacher(teacher)
         torch.manual_seed(4)
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             d = loss_fn.draw(student, images)
@@ -381,7 +338,7 @@ def test_loss_value_and_diagnostics():
     torch.manual_seed(6)
     teacher = gaussian()
     student = GaussianDenoiser(MU, 0.45, 4, 1)
-    loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=32, T_end=32, target_mode='live')
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='live').set_teacher(teacher)
     collector = training_stats.Collector(regex='CD/.*', keep_previous=False)
     images = gaussian_images(256, seed=9)
     torch.manual_seed(7)
@@ -412,7 +369,7 @@ def test_loss_value_and_diagnostics():
     assert expected <= names
 
 def test_annealing_drives_grid():
-    loss_fn = ConsistencyDistillLoss(teacher_net=gaussian(), S=4, T_start=16, T_end=256, T_anneal_kimg=10)
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=16, T_end=256, T_anneal_kimg=10).set_teacher(gaussian())
     assert loss_fn.T == 16 and loss_fn.grid().num_edges >= 16
     loss_fn.set_progress(5000)
     assert loss_fn.T == 64 and loss_fn.grid().num_edges >= 64
@@ -427,7 +384,7 @@ def test_pickle_drops_teacher_and_resume_is_exact():
     teacher = gaussian()
     net = MaskNet(p=0.2).train()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=16, T_end=64, T_anneal_kimg=1, target_ema=0.5)
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=16, T_end=64, T_anneal_kimg=1, target_ema=0.5).set_teacher(teacher)
     assert 'teacher_net' not in loss_fn.init_kwargs and loss_fn.init_kwargs.S == 4
 
     def step(loss_fn, net, opt, nimg, seed):
@@ -468,18 +425,18 @@ def test_pickle_drops_teacher_and_resume_is_exact():
 def test_bad_input():
     teacher = gaussian()
     with pytest.raises(ValueError, match=r'S=8, T=4 '):
-        ConsistencyDistillLoss(teacher_net=teacher, S=8, T_start=4, T_end=64)
+        ConsistencyDistillLoss(S=8, T_start=4, T_end=64).set_teacher(teacher)
     with pytest.raises(ValueError, match=r'S=3, T=64 .*segment\(s\) \[1\]'):
-        ConsistencyDistillLoss(teacher_net=teacher, S=3, T_start=64, T_end=64, student_sigmas=[10.0, 9.999])
+        ConsistencyDistillLoss(S=3, T_start=64, T_end=64, student_sigmas=[10.0, 9.999]).set_teacher(teacher)
     for p in [0, 1, 1.5, -0.2]:
         with pytest.raises(ValueError, match=f'terminal_prob={p} '):
-            ConsistencyDistillLoss(teacher_net=teacher, terminal_prob=p)
+            ConsistencyDistillLoss(terminal_prob=p).set_teacher(teacher)
     for kwargs, match in [(dict(target_mode='frozen'), 'target_mode'), (dict(loss='l1'), 'loss="l1"'),
             (dict(weight_mode='snr2'), 'weight_mode'), (dict(sampling_mode='lognormal'), 'sampling_mode'),
             (dict(target_ema=1.0), 'target_ema'), (dict(S=0), 'S=0'), (dict(precision='float16'), 'precision')]:
         with pytest.raises(ValueError, match=match):
-            ConsistencyDistillLoss(teacher_net=teacher, **kwargs)
-    loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=32, T_end=32)
+            ConsistencyDistillLoss(**kwargs).set_teacher(teacher)
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32).set_teacher(teacher)
     wrong = GaussianDenoiser([0.0] * 9, STD, img_channels=1, img_resolution=3)
     with pytest.raises(ValueError, match='img_resolution=3 but the teacher img_resolution=1'):
         loss_fn(wrong, gaussian_images(4, seed=0))
@@ -524,7 +481,7 @@ def test_distilled_student_beats_teacher_euler():
     S = 8
     student = MLPDenoiser().train()
     batch, steps = 256, 400
-    loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=S, T_start=16, T_end=128, T_anneal_kimg=80)
+    loss_fn = ConsistencyDistillLoss(S=S, T_start=16, T_end=128, T_anneal_kimg=80).set_teacher(teacher)
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     for i in range(steps):
         loss_fn.set_progress(i * batch)

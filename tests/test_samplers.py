@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training import samplers
-from _gen_nets import GaussianNet, flow
+from _gaussian import GaussianNet, flow
 
 MU, S = 0.1, 0.5
 

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import train
 from _train_helpers import ROOT, SMALL_RUN, VALIDATION_CALLS, HookLoss, RecordingRun, finish, read_stats, read_wandb_history, run_dirs, start_train, subprocess_env
+from training import checkpoint
 from training import training_loop
 
 RUN_NAME = 'digits8-uncond-ddpmpp-edm-gpus1-batch64-fp32'
@@ -80,7 +81,7 @@ def test_run_directory_is_complete(runs):
 
     with open(os.path.join(run_dir, 'log.txt')) as f:
         log = f.read()
-    assert log.startswith('Reading the dataset...') and log.endswith('Done.\n') # Starts where the options (in training_options.json) end.
+    assert log.startswith('Building the network...') and log.endswith('Done.\n') # Starts where the options (in training_options.json) end.
     assert re.search(r'^tick 2 +kimg 2\.0 +time \S+ +sec/tick [\d.]+ +sec/kimg [\d.]+ +maintenance [\d.]+ +cpumem [\d.]+ +gpumem 0\.00', log, flags=re.M)
     state = torch.load(os.path.join(run_dir, 'training-state-000002.pt'), weights_only=False)
     assert state['cur_nimg'] == 2048 and state['cur_tick'] == 2 and len(state['rng_states']) == 1
@@ -232,7 +233,7 @@ def test_resume_from_another_configuration(tmp_path, runs, digits8):
     msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={digits8}', f'--resume={snapshot}')
     assert msg == f'Error: --resume: "{snapshot}" is not a training state (torch.save writes zip archives); pass a training-state-*.pt written by train.py.'
     msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={digits8}', f'--resume={tmp_path}')
-    assert msg == f'Error: --resume={tmp_path} is a folder without training-state-*.pt files; pass a training state or a run directory that holds one.'
+    assert msg == f'Error: --resume: "{tmp_path}" is a folder without training-state-*.pt files; pass a training state or a run directory that holds one.'
     assert not os.path.exists(tmp_path / 'out')
 
 def test_transfer_with_shapes_that_do_not_match(tmp_path, runs, digits8):
@@ -313,22 +314,12 @@ def test_optimizer_step_replaces_non_finite_gradients():
     assert net.weight.detach().tolist() == [[0, -1e5, 1e5, -8]]
     assert float(norm) == pytest.approx(np.sqrt(2e10 + 64) / 4)
 
-def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
-    path = str(tmp_path / 'file.bin')
-    training_loop.write_atomic(path, lambda f: f.write(b'old'))
-    def failing(f):
-        f.write(b'partial')
-        raise RuntimeError('disk full')
-    with pytest.raises(RuntimeError):
-        training_loop.write_atomic(path, failing)
-    assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['file.bin']
-
 def test_find_latest_state(tmp_path):
-    assert training_loop.find_latest_state(str(tmp_path)) is None
+    assert checkpoint.find_latest_state(str(tmp_path)) is None
     for kimg in (2, 10, 9):
         (tmp_path / f'training-state-{kimg:06d}.pt').write_bytes(b'')
     (tmp_path / 'training-state-000099.pt.tmp-1').write_bytes(b'')
-    assert training_loop.find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000010.pt')
+    assert checkpoint.find_latest_state(str(tmp_path)) == str(tmp_path / 'training-state-000010.pt')
 
 #----------------------------------------------------------------------------
 # The loop's hooks, in-process with a tiny network.
@@ -412,7 +403,7 @@ def test_loop_hooks_extras_and_validation(tmp_path, digits8, one_thread):
     assert torch.load(run3 / 'training-state-000000.pt', weights_only=False)['loss_state'] == dict(updates=8)
 
 def test_loop_refuses_a_batch_that_does_not_divide(tmp_path, digits8):
-    with pytest.raises(ValueError, match=r'^batch_size=10 over 1 ranks gives 10 per rank, which batch_gpu=4 does not divide; use a batch size that is a multiple of 4\.$'):
+    with pytest.raises(ValueError, match=r'^--batch=10 gives 10 images per rank, which --batch-gpu=4 does not divide; pass a --batch that is a multiple of 4\.$'):
         training_loop.training_loop(**loop_kwargs(str(tmp_path), digits8, batch_size=10, batch_gpu=4))
 
 #----------------------------------------------------------------------------

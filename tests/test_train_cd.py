@@ -7,6 +7,9 @@ reach stats.jsonl; every bad input stops with one sentence before any work.
 The runs use one OpenMP thread per process, to stay fast on a shared 2-core
 machine."""
 
+import builtins
+import collections
+import io
 import json
 import os
 import pickle
@@ -19,25 +22,18 @@ from click.testing import CliRunner
 
 import generate
 import train
-from _train_helpers import finish, read_stats, run_dirs, start_train
+from _train_helpers import SMALL_RUN, TINY_ARCH, finish, read_stats, run_dirs, start_train
+from training import checkpoint
 from training import samplers
 from training import training_loop
 from training.networks import EDMPrecond
 
-TEACHER_ARCH = ['--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0']
-SMALL = ['--tick=1', '--snap=1', '--dump=1', '--seed=1', '--workers=0', '--device=cpu']
-CD_RUN = [*TEACHER_ARCH, *SMALL, '--batch=32', '--lr_rampup=1', '--consistency=True', '--S=4', '--T_start=8', '--T_end=16', '--T_anneal_kimg=2']
+TEACHER_ARCH = TINY_ARCH
+CD_RUN = [*TEACHER_ARCH, *SMALL_RUN, '--batch=32', '--lr_rampup=1', '--consistency=True', '--S=4', '--T_start=8', '--T_end=16', '--T_anneal_kimg=2']
 RUN_NAME = 'digits8-uncond-ddpmpp-edm-gpus1-batch32-fp32-cd4'
 
 #----------------------------------------------------------------------------
-# Fixtures: the dataset, a teacher written by train.py, and three distillation runs.
-
-@pytest.fixture(scope='module')
-def teacher(tmp_path_factory, digits8):
-    outdir = str(tmp_path_factory.mktemp('teacher'))
-    res = finish(start_train(f'--outdir={outdir}', '--nosubdir', f'--data={digits8}', *TEACHER_ARCH, *SMALL, '--batch=64', '--lr_rampup=0', '--duration=0.001'))
-    assert res[0] == 0, res[2][-3000:]
-    return os.path.join(outdir, 'network-snapshot-000001.pkl')
+# Fixtures: three distillation runs of the shared teacher (conftest.py).
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, digits8, teacher):
@@ -94,12 +90,12 @@ def test_distillation_writes_a_student_snapshot(runs, teacher):
 def test_generate_samples_the_student_with_no_sampler_flags(runs, tmp_path, monkeypatch):
     pkl = os.path.join(runs['a'], 'network-snapshot-000002.pkl')
     sigmas_seen = []
-    load_snapshot = generate.load_snapshot
+    load_snapshot = checkpoint.load_snapshot
     def load_counting(path):
         data = load_snapshot(path)
         data['ema'].register_forward_pre_hook(lambda _module, args: sigmas_seen.append(torch.as_tensor(args[1]).flatten().tolist()))
         return data
-    monkeypatch.setattr(generate, 'load_snapshot', load_counting)
+    monkeypatch.setattr(checkpoint, 'load_snapshot', load_counting)
     result = CliRunner().invoke(generate.main, [f'--network={pkl}', f'--outdir={tmp_path / "out"}', '--seeds=0-9', '--batch=5', '--device=cpu'])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert 'student sampler, S=4' in result.output
@@ -260,7 +256,7 @@ def test_bad_teacher_files_and_flags(tmp_path, digits8, teacher, runs):
     plain = [f'--outdir={out}', f'--data={digits8}']
     assert invoke(*plain, '--S=4') == 'Error: --S applies only to consistency distillation; pass --consistency=True or leave it out.'
     assert invoke(*plain, f'--teacher={teacher}') == 'Error: --teacher applies only to consistency distillation; pass --consistency=True or leave it out.'
-    assert invoke(*plain, '--no_terminal_anchor').startswith('Error: --terminal_anchor/--no_terminal_anchor applies only to consistency distillation;')
+    assert invoke(*plain, '--no_terminal_anchor').startswith('Error: --no_terminal_anchor applies only to consistency distillation;')
 
     # Probabilities, grids and segments.
     base.append(f'--teacher={teacher}')
@@ -309,3 +305,33 @@ def test_teacher_that_does_not_match_the_data_or_the_student(tmp_path, digits8, 
     assert not os.path.exists(out)
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# Each file a run starts from is read once per process.
+
+def test_teacher_transfer_and_state_files_are_read_once(tmp_path, digits8, teacher, runs, monkeypatch):
+    transfer = os.path.join(runs['a'], 'network-snapshot-000001.pkl')
+    state = os.path.join(runs['b'], 'training-state-000001.pt')
+    opened = collections.Counter()
+    real_open = builtins.open
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)):
+            opened[os.path.realpath(file)] += 1
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, 'open', counting_open)
+    monkeypatch.setattr(io, 'open', counting_open)
+    base = [f'--data={digits8}', f'--teacher={teacher}', *CD_RUN, '--snap=1000', '--dump=1000']
+    for args, files in [
+        (['--duration=0.001'], [teacher]),                                # The student starts from the teacher: one file, one read.
+        ([f'--transfer={transfer}', '--duration=0.001'], [teacher, transfer]),
+        ([f'--resume={state}', '--duration=0.002'], [teacher, state]),
+    ]:
+        opened.clear()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', *base, *args])
+        finally:
+            torch.set_num_threads(threads)
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        assert [opened[os.path.realpath(path)] for path in files] == [1] * len(files), (args, opened)

@@ -10,21 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-from _train_helpers import ROOT, finish, read_stats, run_dirs, start_train, subprocess_env
+from _train_helpers import ROOT, SMALL_RUN, TINY_ARCH, finish, read_stats, run_dirs, start_train, subprocess_env
 
-ARCH = ['--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0']
-SMALL = ['--tick=1', '--snap=1', '--dump=1', '--seed=1', '--workers=0', '--device=cpu', '--lr_rampup=1', '--batch=32']
+ARCH = TINY_ARCH # The shared teacher's (conftest.py).
+SMALL = [*SMALL_RUN, '--lr_rampup=1', '--batch=32']
 CD = ['--consistency=True', '--S=4', '--T_start=8', '--T_end=16', '--T_anneal_kimg=2']
 VAL = ['--val=1', '--val_detector=pixels', '--val_num=64', '--val_agree_num=16', '--val_batch=32', '--val_every=1', '--val_at_start=True']
 
 #----------------------------------------------------------------------------
-
-@pytest.fixture(scope='module')
-def teacher(tmp_path_factory, digits8):
-    outdir = str(tmp_path_factory.mktemp('teacher'))
-    res = finish(start_train(f'--outdir={outdir}', '--nosubdir', f'--data={digits8}', *ARCH, *SMALL, '--duration=0.001'))
-    assert res[0] == 0, res[2][-3000:]
-    return os.path.join(outdir, 'network-snapshot-000001.pkl')
 
 def read_history(run_dir):
     with open(os.path.join(run_dir, 'metrics-val.jsonl')) as f:

@@ -103,6 +103,27 @@ def test_open_url_download_failure_is_clear(tmp_path, http_server):
 
 #----------------------------------------------------------------------------
 
+def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
+    path = str(tmp_path / 'file.bin')
+    util.write_atomic(path, lambda f: f.write(b'old'))
+    def failing(f):
+        f.write(b'partial')
+        raise RuntimeError('disk full')
+    with pytest.raises(RuntimeError):
+        util.write_atomic(path, failing)
+    assert open(path, 'rb').read() == b'old' and os.listdir(tmp_path) == ['file.bin']
+
+def test_run_directories_take_the_next_free_id(tmp_path):
+    (tmp_path / '00007-old').mkdir()
+    assert util.next_run_dir(str(tmp_path), 'x') == str(tmp_path / '00008-x')
+    first = util.claim_run_dir(str(tmp_path), 'x')
+    (tmp_path / '00009-other').mkdir() # Taken by another run meanwhile.
+    second = util.claim_run_dir(str(tmp_path), 'x')
+    assert (first, second) == (str(tmp_path / '00008-x'), str(tmp_path / '00010-x')) and os.path.isdir(second)
+    assert util.claim_run_dir(str(tmp_path / 'new'), 'y') == str(tmp_path / 'new' / '00000-y')
+
+#----------------------------------------------------------------------------
+
 def test_logger_tees_stdout_and_stderr(tmp_path, capfd):
     log = tmp_path / 'log.txt'
     with util.Logger(file_name=str(log), file_mode='a'):

@@ -178,6 +178,9 @@ def test_history_teacher_once_best_snapshot_and_resume(tmp_path, data_dir, monke
 
 def test_training_loop_runs_validation(tmp_path, data_dir):
     teacher = make_net(1)
+    teacher_pkl = tmp_path / 'teacher.pkl'
+    with open(teacher_pkl, 'wb') as f:
+        pickle.dump(dict(ema=teacher), f)
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     training_loop.training_loop(
@@ -185,7 +188,8 @@ def test_training_loop_runs_validation(tmp_path, data_dir):
         dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=data_dir, use_labels=True, cache=True),
         data_loader_kwargs  = dict(num_workers=0),
         network_kwargs      = NET_KWARGS,
-        loss_kwargs         = dict(class_name='training.loss_cd.ConsistencyDistillLoss', teacher_net=teacher, S=2, T_start=4, T_end=4, T_anneal_kimg=0),
+        loss_kwargs         = dict(class_name='training.loss_cd.ConsistencyDistillLoss', S=2, T_start=4, T_end=4, T_anneal_kimg=0),
+        teacher_pkl         = str(teacher_pkl),
         optimizer_kwargs    = dict(class_name='torch.optim.Adam', lr=1e-2),
         seed                = 1,
         batch_size          = 8,

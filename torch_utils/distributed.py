@@ -1,4 +1,6 @@
-"""Process-group set-up for `torchrun`, and rank-aware printing.
+"""Process-group set-up for `torchrun`, rank-aware printing, and the
+helpers that coordinate the ranks (rank 0 first, objects broadcast from
+rank 0 or gathered from all, errors raised on every rank).
 
 Launched by `torchrun`, `init()` joins the process group described by its
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL
@@ -6,6 +8,7 @@ when the processes use CUDA, gloo on the CPU. Launched directly, it is a
 plain single process with rank 0 and world size 1.
 """
 
+import contextlib
 import os
 
 import torch
@@ -29,7 +32,7 @@ def init(device_type=None):
     if device_type not in ('cuda', 'cpu'):
         raise ValueError(f'device_type="{device_type}" is invalid; use "cuda", "cpu" or None.')
     if device_type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('CUDA was requested but no CUDA device is available; use the CPU instead.')
+        raise ValueError('CUDA was requested (--device=cuda) but no CUDA device is available; pass --device=cpu or run on a machine with a GPU.')
 
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     device = torch.device('cuda', local_rank) if device_type == 'cuda' else torch.device('cpu')
@@ -70,5 +73,56 @@ def print0(*args, **kwargs):
     """print() on rank 0 only."""
     if get_rank() == 0:
         print(*args, **kwargs)
+
+#
+
+#----------------------------------------------------------------------------
+# Coordination of the ranks.
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first, then the other ranks (a download lands in
+    the cache once, and the others read it from there)."""
+    if get_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if get_rank() == 0:
+            barrier()
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if get_world_size() == 1:
+        return [obj]
+    objs = [None] * get_world_size()
+    torch.distributed.all_gather_object(objs, obj)
+    return objs
+
+def on_rank0(fn, share=False):
+    """Call fn() on rank 0 only. A ValueError it raises is raised on every
+    rank, so that all stop together. Returns fn's result on rank 0 (on every
+    rank with `share`), None on the others."""
+    result, message = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except ValueError as err:
+            message = str(err)
+    if get_world_size() > 1:
+        result_shared, message = broadcast_object((result if share else None, message))
+        if share:
+            result = result_shared
+    if message is not None:
+        raise ValueError(message)
+    return result
 
 #----------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def edge_probs(sigma_t, seg, S, mode='vp', rho=7, terminal_anchor=True, terminal
     else:
         raise ValueError(f'sampling_mode="{mode}" is unknown; use one of {", ".join(SAMPLING_MODES)}.')
     if terminal_prob is not None and not 0 < terminal_prob < 1:
-        raise ValueError(f'terminal_prob={terminal_prob} is invalid: it must lie strictly between 0 and 1.')
+        raise ValueError(f'terminal_prob={terminal_prob:g} is outside (0, 1); pass a probability strictly between 0 and 1, or leave it out for 1/T\'.')
     if terminal_anchor and num_edges > 1:
         p_term = 1 / num_edges if terminal_prob is None else float(terminal_prob)
         rest = weights[:-1] / weights[:-1].sum()

@@ -21,6 +21,7 @@ Decisions where the spec is silent:
   delta = 0.00054 for `huber`.
 * `terminal_anchor=None` (the default) turns the anchor on for the weighted
   sampling modes (`vp`, `edm`) and off for `uniform`; True or False force it.
+  `terminal_prob` needs the anchor.
 * Dropout replay. With `sync_dropout` and a student in training mode, the
   target network (`live` or `ema`) is run on the whole batch (inputs x_s at
   sigma_s for the general samples, x_t at sigma_t for the others) starting
@@ -37,10 +38,8 @@ Decisions where the spec is silent:
   cache are dropped: a snapshot stays as small as EDM's and loads without the
   teacher. The target EMA and the annealing state travel in `state_dict()`
   (saved with the training state) for exact resume; after unpickling,
-  `set_teacher()` re-attaches the teacher. The `teacher_net` keyword is
-  removed from `init_kwargs` (the persistence wrapper deep-copies constructor
-  arguments: pass large teachers through `set_teacher()` to avoid that
-  transient copy).
+  `set_teacher()` re-attaches the teacher. The teacher is never a
+  constructor argument, so the persistence wrapper never copies it.
 * Statistics (torch_utils.training_stats, the same names on every rank and
   every step, empty where a case did not occur): `CD/loss`,
   `CD/loss_terminal|boundary|general`, `CD/loss_seg<j>`, `CD/frac_terminal|
@@ -67,11 +66,12 @@ from training import consistency_ops as ops
 
 #----------------------------------------------------------------------------
 
-LOSSES          = ('l2', 'huber', 'pseudo_huber', 'l2_root')
-WEIGHT_MODES    = ('edm', 'sqrt_karras', 'snr', 'snr+1', 'karras', 'truncated-snr', 'uniform')
-TARGET_MODES    = ('live', 'ema', 'teacher')
-PRECISIONS      = dict(float32=torch.float32, float64=torch.float64)
-HUBER_SCALE     = 0.00054   # Per-element scale of the default pseudo-Huber / Huber constant.
+LOSSES              = ('l2', 'huber', 'pseudo_huber', 'l2_root')
+WEIGHT_MODES        = ('edm', 'sqrt_karras', 'snr', 'snr+1', 'karras', 'truncated-snr', 'uniform')
+TARGET_MODES        = ('live', 'ema', 'teacher')
+PRECISIONS          = dict(float32=torch.float32, float64=torch.float64)
+STUDENT_GRID_KEYS   = ('S', 'student_sigmas', 'sigma_min', 'sigma_max', 'rho') # Keywords of the student grid, which a resumed run must keep.
+HUBER_SCALE         = 0.00054   # Per-element scale of the default pseudo-Huber / Huber constant.
 
 def loss_weight(sigma, mode='sqrt_karras', sigma_data=0.5):
     """lambda(sigma) of cd-spec section 6 for the noise levels `sigma` (a tensor)."""
@@ -140,8 +140,9 @@ def _set_rng_state(device, state):
 class ConsistencyDistillLoss:
     """Multistep consistency distillation of a frozen EDM teacher into an S-step student."""
 
+    resume_keys = STUDENT_GRID_KEYS # Keywords that a training state must share with the run that resumes it.
+
     def __init__(self, *,
-        teacher_net             = None,             # Frozen teacher (EDM preconditioned); may be attached later by set_teacher().
         S                       = 8,                # Student steps (segments).
         T_start                 = 64,               # Teacher edge count at the start of training.
         T_end                   = 1280,             # Teacher edge count after the annealing.
@@ -175,8 +176,9 @@ class ConsistencyDistillLoss:
             raise ValueError(f'T_anneal="{T_anneal}" is unknown; use one of {", ".join(ops.ANNEAL_MODES)}.')
         if sampling_mode not in ops.SAMPLING_MODES:
             raise ValueError(f'sampling_mode="{sampling_mode}" is unknown; use one of {", ".join(ops.SAMPLING_MODES)}.')
-        if terminal_prob is not None and not 0 < terminal_prob < 1:
-            raise ValueError(f'terminal_prob={terminal_prob} is invalid: it must lie strictly between 0 and 1.')
+        if terminal_prob is not None and not ((sampling_mode != 'uniform') if terminal_anchor is None else terminal_anchor):
+            raise ValueError(f'terminal_prob={terminal_prob:g} needs the terminal anchor, which is off here (terminal_anchor=False, or its default for '
+                f'sampling_mode=uniform); pass terminal_anchor=True or leave terminal_prob out.')
         if target_mode not in TARGET_MODES:
             raise ValueError(f'target_mode="{target_mode}" is unknown; use one of {", ".join(TARGET_MODES)}.')
         if not 0 <= target_ema < 1:
@@ -213,22 +215,13 @@ class ConsistencyDistillLoss:
         self.precision = precision
         self.cur_nimg = 0
         self._init_runtime()
-        self.set_teacher(teacher_net)
+        self.set_teacher(None)
 
     def _init_runtime(self):
         self._teacher = None        # Frozen teacher network.
         self._target = None         # Fast EMA of the student ('ema' mode).
         self._target_state = None   # Target state_dict waiting for the target to exist.
         self._grids = None          # TeacherGridCache for the current teacher.
-
-    # Persistence: the teacher is kept out of init_kwargs (see the module doc).
-    @property
-    def _init_kwargs(self):
-        return self.__dict__.get('_init_kwargs_without_teacher', dict())
-
-    @_init_kwargs.setter
-    def _init_kwargs(self, kwargs):
-        self.__dict__['_init_kwargs_without_teacher'] = {k: v for k, v in dict(kwargs).items() if k != 'teacher_net'}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -257,8 +250,8 @@ class ConsistencyDistillLoss:
         return self._teacher
 
     def set_teacher(self, teacher_net):
-        """Attach the frozen teacher (eval mode, no gradients) and rebuild the grids with its round_sigma.
-        Checks that T_start and T_end give every segment an edge."""
+        """Attach the frozen teacher (eval mode, no gradients) and rebuild the grids with its round_sigma;
+        None detaches it. Checks that T_start and T_end give every segment an edge. Returns self."""
         round_sigma = None
         if teacher_net is not None:
             teacher_net.eval().requires_grad_(False)
@@ -273,6 +266,7 @@ class ConsistencyDistillLoss:
         self._student_sigmas = student.tolist()
         self._grids = grids
         self._teacher = teacher_net
+        return self
 
     def student_sigmas(self):
         """The student grid: S + 1 descending noise levels ending in 0 (float64 tensor)."""

@@ -1,5 +1,6 @@
 """Feature detectors, feature statistics and the Fréchet distance: the parts
-of FID shared by fid.py and the validation of the training loop.
+of FID shared by fid.py and the validation of the training loop; and the
+agreement of images with reference images (validation and the demo).
 
 A detector maps uint8 images [N, C, H, W] to features [N, D]. The default is
 the Inception-v3 network that EDM uses (FID); any pickled network called as
@@ -9,9 +10,9 @@ Statistics are float64 sums (count, sum x, sum x x^T), so that shards of
 images on several ranks add up to exactly the statistics of all of them.
 """
 
+import math
 import os
 import pickle
-import tempfile
 
 import numpy as np
 import scipy.linalg
@@ -118,13 +119,8 @@ def load_detector(
     if name == PIXELS_NAME:
         result = Detector(name, PixelDetector().to(device), device)
     else:
-        if dist.get_rank() != 0:
-            dist.barrier()
-        try:
+        with dist.rank0_first():
             net = _load_network(name, cache_dir=cache_dir, num_attempts=num_attempts, verbose=(verbose and dist.get_rank() == 0))
-        finally:
-            if dist.get_rank() == 0:
-                dist.barrier()
         if isinstance(net, torch.nn.Module):
             net.eval().requires_grad_(False)
         if hasattr(net, 'to'):
@@ -297,20 +293,9 @@ def load_ref_stats(path_or_url, cache_dir=None):
 
 def save_ref_stats(path, mu, sigma, detector):
     """Write mu, sigma and the detector name to an .npz file, atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.npz')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64), detector=np.array(str(detector)))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_path, 0o666 & ~umask) # mkstemp makes files private; give the usual permissions.
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    dnnlib.util.write_atomic(path, lambda f: np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64),
+        detector=np.array(str(detector))))
 
 def check_ref_stats(ref, detector_name, dim=None):
     """Refuse reference statistics that come from another kind of detector or have another number of features than `dim`."""
@@ -347,5 +332,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     level = eig.max(initial=0) * max(eig.size, 1) * np.finfo(np.float64).eps
     trace_sqrt = np.sqrt(eig[eig > level]).sum()
     return float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+#
+
+#----------------------------------------------------------------------------
+# Agreement with reference images.
+
+def agreement(mse):
+    """Agreement figures of images in [-1, 1] whose mean squared difference to
+    their references is `mse`: `agree_rmse` = sqrt(mse) and `agree_psnr` =
+    10 log10(2^2 / mse) dB, with the peak-to-peak range 2 of [-1, 1]."""
+    return dict(agree_rmse=math.sqrt(mse), agree_psnr=(10 * math.log10(4 / mse) if mse > 0 else float('inf')))
 
 #----------------------------------------------------------------------------

@@ -17,7 +17,10 @@ the EDM wrappers cast to the precision they run in. Every sampler returns
 float64 images in [-1, 1] (up to sampling error) at noise level 0.
 
 `StackedRandomGenerator` draws the random numbers of a batch from one
-generator per seed, so that each image depends only on its own seed.
+generator per seed, so that each image depends only on its own seed;
+`generate_images` samples the images of a list of seeds with it, as
+generate.py, validation and the demo do, and `to_uint8` and `image_grid`
+turn them into what those write.
 """
 
 import numpy as np
@@ -233,5 +236,42 @@ class StackedRandomGenerator:
         if size[0] != len(self.generators):
             raise ValueError(f'size[0]={size[0]} does not match the {len(self.generators)} seeds of the batch.')
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
+
+#
+
+#----------------------------------------------------------------------------
+# Images of seeds.
+
+def generate_images(net, seeds, device, sample_fn, classes=None, **sample_kwargs):
+    """Sample the images of `seeds` with `sample_fn(net, latents, class_labels,
+    randn_like, **sample_kwargs)`. Each seed's generator draws its latents, then
+    (for a conditional network) a random class, which `classes` overrides: an int
+    for every image or one class index per seed. Returns float64 [N, C, H, W]
+    images clipped to [-1, 1]."""
+    rnd = StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    class_labels = None
+    if net.label_dim:
+        idx = rnd.randint(net.label_dim, size=[len(seeds)], device=device)
+        if classes is not None:
+            idx = torch.as_tensor(classes, device=device).expand(len(seeds)) % net.label_dim
+        class_labels = torch.eye(net.label_dim, device=device)[idx]
+    with torch.no_grad():
+        images = sample_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sample_kwargs)
+    return images.to(torch.float64).clip(-1, 1)
+
+def to_uint8(images):
+    """Images in [-1, 1] -> uint8 (N, C, H, W), quantized as generate.py writes them."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def image_grid(images):
+    """Tile uint8 HWC images row by row into a near-square uint8 HWC grid (empty cells black)."""
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = (len(images) - 1) // cols + 1
+    h, w, c = images[0].shape
+    grid = np.zeros([rows, cols, h, w, c], dtype=np.uint8)
+    for i, image in enumerate(images):
+        grid[i // cols, i % cols] = image
+    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 #----------------------------------------------------------------------------

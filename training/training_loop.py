@@ -2,6 +2,13 @@
 of `torchrun`, and the loop that other losses (consistency distillation) plug
 into.
 
+A run has two phases. `setup()` reads and checks everything the run starts
+from, before any work and before the run directory exists: the dataset, the
+batch layout, the teacher, the snapshot to start from, the training state
+and the validation options. Each file is read once. Its errors are
+ValueErrors of one sentence in the words of train.py's options.
+`training_loop()` then trains on what setup() returned (or calls it first).
+
 Hooks for other losses and for in-training evaluation, all optional:
 
 * `loss_fn.set_progress(cur_nimg)` is called before every optimizer step and
@@ -15,31 +22,29 @@ Hooks for other losses and for in-training evaluation, all optional:
   gradients, on the device) and hands it to `loss_fn.set_teacher()`; the
   teacher runs in the precision of the trained network (its `use_fp16` is set
   to network_kwargs' `use_fp16`, which takes effect on CUDA). A resumed run
-  loads it again from the same path.
+  loads it again from the same path. A `resume_pkl` equal to `teacher_pkl`
+  starts the network from the teacher itself (same class, names and shapes).
 * `validation_fn` is called every `val_every` ticks on all ranks and returns
-  figures for `stats.jsonl` and W&B.
+  figures for `stats.jsonl` and W&B. Given as a dict, the `check_options`
+  function of its module (if any) checks its options in setup().
 
-Exact resume: a training state (`torch.save` of a dict) holds `net`, `ema`
-and `optimizer_state` (state dicts), `loss_state`, `cur_nimg`, `cur_tick`
-(the last finished tick), `seed`, `batch_size`, `batch_gpu`, `world_size`,
-`rng_states` (torch, CUDA, NumPy and Python generators, one entry per rank),
-`network_kwargs` and `loss_kwargs`. The data order is a function of the seed
-and the images seen (`misc.InfiniteSampler`), so the sampler position is
-`cur_nimg`. A resumed run is bit-identical to an uninterrupted one when it
-uses the same options, seed, number of ranks and `batch_gpu` (and, on GPUs,
-deterministic kernels); otherwise it continues from the same point with
-fresh generator states.
+Exact resume: a training state (training/checkpoint.py) holds the network,
+EMA, optimizer and loss states, the images seen, the last finished tick, the
+seed, the batch layout and the generator states of every rank. The data
+order is a function of the seed and the images seen (`misc.InfiniteSampler`),
+so the sampler position is `cur_nimg`. A resumed run is bit-identical to an
+uninterrupted one when it uses the same options, seed, number of ranks and
+`batch_gpu` (and, on GPUs, deterministic kernels); otherwise it continues from
+the same point with fresh generator states.
 """
 
 import contextlib
 import copy
+import importlib
 import json
 import os
-import pickle
 import random
-import re
 import time
-import zipfile
 
 import numpy as np
 import psutil
@@ -49,87 +54,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
-
-STATE_FORMAT = 1                                        # Version of the training-state layout.
-STATE_RE = re.compile(r'training-state-(\d+)\.pt')      # File names of training states.
-
-#----------------------------------------------------------------------------
-# Files.
-
-def write_atomic(path, write_fn):
-    """Write a binary file through a temporary name in the same folder and
-    rename it into place, so that `path` is either absent, old or complete."""
-    temp_path = f'{path}.tmp-{os.getpid()}'
-    try:
-        with open(temp_path, 'wb') as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-
-def find_latest_state(run_dir):
-    """The training state with the most images in `run_dir` (newest file on a tie), or None."""
-    found = []
-    for name in os.listdir(run_dir):
-        match = STATE_RE.fullmatch(name)
-        path = os.path.join(run_dir, name)
-        if match and os.path.isfile(path):
-            found.append((int(match.group(1)), os.path.getmtime(path), path))
-    return max(found)[2] if found else None
-
-def load_training_state(path, mmap=False):
-    """Load a training state written by the training loop (tensors on the CPU).
-    With `mmap=True` the tensors are mapped rather than read, for quick checks."""
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f'"{path}" is not a training state (torch.save writes zip archives); pass a training-state-*.pt written by train.py.')
-    try:
-        state = torch.load(path, map_location=torch.device('cpu'), weights_only=False, mmap=mmap)
-    except Exception as err: # A truncated file, a pickle, anything torch.load cannot read.
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f'"{path}" cannot be read as a training state ({reason}); pass a training-state-*.pt written by train.py.') from err
-    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
-        raise ValueError(f'"{path}" is not a training state written by this version of train.py; pass a training-state-*.pt from such a run.')
-    return state
-
-def load_snapshot(path_or_url):
-    """Load a network snapshot (a dict with the network under `ema`) from a path or URL.
-    Rank 0 reads first, so that a download is cached once."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        with dnnlib.util.open_url(path_or_url, verbose=(dist.get_rank() == 0)) as f: # A bad path is a ValueError that says so.
-            try:
-                data = pickle.load(f)
-            except (OSError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:
-                raise ValueError(f'"{path_or_url}" cannot be loaded as a network snapshot ({err}); pass a network-snapshot-*.pkl or its URL.') from err
-    except OSError as err: # A download that failed after its retries.
-        raise ValueError(str(err)) from err
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-    if not isinstance(data, dict) or not isinstance(data.get('ema', None), torch.nn.Module):
-        raise ValueError(f'"{path_or_url}" is not a network snapshot (no network under "ema"); pass a network-snapshot-*.pkl or its URL.')
-    return data
-
-def check_tensors(src_shapes, module, what, fix, require_all=False):
-    """Raise ValueError unless the tensors `src_shapes` (name -> shape) fit the
-    parameters and buffers of `module` by name. With `require_all`, both sides
-    must have the same names. `what` names the source, `fix` is the advice."""
-    dst_shapes = {name: list(t.shape) for name, t in misc.named_params_and_buffers(module)}
-    for name, shape in src_shapes.items():
-        if name in dst_shapes and list(shape) != dst_shapes[name]:
-            raise ValueError(f'{what} holds "{name}" with shape {list(shape)}, but the network here has shape {dst_shapes[name]}; {fix}.')
-    if require_all:
-        for name in dst_shapes:
-            if name not in src_shapes:
-                raise ValueError(f'{what} lacks "{name}", which the network here has; {fix}.')
-        for name in src_shapes:
-            if name not in dst_shapes:
-                raise ValueError(f'{what} holds "{name}", which the network here lacks; {fix}.')
+from training import checkpoint
 
 #----------------------------------------------------------------------------
 # Random number generators.
@@ -159,14 +84,6 @@ def preserved_rng_states(device):
         yield
     finally:
         set_rng_states(states, device)
-
-def gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...] on every rank."""
-    if dist.get_world_size() == 1:
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(objs, obj)
-    return objs
 
 #----------------------------------------------------------------------------
 # The pieces of one training step.
@@ -224,6 +141,150 @@ def _is_scalar(value):
     return isinstance(value, np.ndarray) and value.size == 1
 
 #----------------------------------------------------------------------------
+# Everything a run starts from, read and checked before any work.
+
+def _open_dataset(dataset_kwargs):
+    """The dataset object; its errors name --data, or --cond for missing labels."""
+    try:
+        return dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    except ValueError as err:
+        if dataset_kwargs.get('use_labels'):
+            _open_dataset(dict(dataset_kwargs, use_labels=False))
+            raise ValueError(f'--cond=True needs class labels, but {dataset_kwargs["path"]} has none that can be used; pass --cond=False or rebuild it with labels using dataset_tool.py.') from err
+        raise ValueError(f'--data: {err}') from err
+
+def _load_network(path, option):
+    """The `ema` network of a snapshot; its errors name the option that gave the path."""
+    try:
+        return checkpoint.load_snapshot(path)['ema']
+    except ValueError as err:
+        raise ValueError(f'{option}: {err}') from err
+
+def _check_fits_data(net, dataset_obj, data, where):
+    """A network's resolution, channels and classes against the dataset of the run."""
+    values = {}
+    for attr in ('img_resolution', 'img_channels', 'label_dim'):
+        values[attr] = getattr(net, attr, None)
+        if not isinstance(values[attr], int):
+            raise ValueError(f'{where} holds a {type(net).__name__} without an integer {attr}; pass a network snapshot of an EDM-style network.')
+    res, ch, labels = values['img_resolution'], values['img_channels'], values['label_dim']
+    data_res = dataset_obj.resolution
+    if res != data_res:
+        raise ValueError(f'{where} works on {res}x{res} images, but {data} holds {data_res}x{data_res} images; pass --data at the teacher\'s resolution.')
+    if ch != dataset_obj.num_channels:
+        raise ValueError(f'{where} works on {ch}-channel images, but {data} holds {dataset_obj.num_channels}-channel images; pass --data with the teacher\'s channels.')
+    if labels != dataset_obj.label_dim:
+        if dataset_obj.label_dim == 0:
+            raise ValueError(f'{where} is conditioned on {labels} classes, but this run is unconditional; pass --cond=True with a dataset of {labels} classes.')
+        if labels == 0:
+            raise ValueError(f'{where} is unconditional, but this run has --cond=True; pass --cond=False.')
+        raise ValueError(f'{where} is conditioned on {labels} classes, but {data} has {dataset_obj.label_dim}; pass a dataset with the teacher\'s {labels} classes.')
+
+def _check_resume(state, path, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg):
+    """A training state against the configuration of the run that continues it."""
+    what, fix = f'The --resume state "{path}"', 'resume with the options of the run that wrote it'
+    checkpoint.check_tensors({k: v.shape for k, v in state['net'].items()}, shapes, what, fix, require_all=True)
+    for key in ('class_name', 'model_type'):
+        if state['network_kwargs'].get(key) != network_kwargs.get(key):
+            raise ValueError(f'{what} was written for {key}={state["network_kwargs"].get(key)}, but this run has {network_kwargs.get(key)}; {fix}.')
+    if state['loss_kwargs'].get('class_name') != loss_kwargs.get('class_name'):
+        raise ValueError(f'{what} was written with the loss {state["loss_kwargs"].get("class_name")}, but this run uses {loss_kwargs.get("class_name")}; {fix}.')
+    for key in getattr(loss_fn, 'resume_keys', ()):
+        if state['loss_kwargs'].get(key) != loss_kwargs.get(key):
+            raise ValueError(f'{what} was written for the student grid {key}={state["loss_kwargs"].get(key)}, but this run has {key}={loss_kwargs.get(key)}; {fix}.')
+    if state['cur_nimg'] >= total_kimg * 1000:
+        raise ValueError(f'{what} has already seen {state["cur_nimg"] / 1e6:g} Mimg, which reaches --duration={total_kimg / 1000:g}; pass a longer --duration.')
+
+def _check_validation(validation_fn, image_shape, device):
+    """The options of a validation function given as a dict, by its module's check_options()."""
+    if not isinstance(validation_fn, dict):
+        return
+    module_name = validation_fn['func_name'].rsplit('.', 1)[0]
+    check = getattr(importlib.import_module(module_name), 'check_options', None)
+    if check is not None:
+        try:
+            check(image_shape, device=device, **validation_fn)
+        except ValueError as err:
+            raise ValueError(f'--val: {err}') from err
+
+def setup(
+    dataset_kwargs      = {},       # class_name and arguments of the dataset.
+    network_kwargs      = {},       # class_name and arguments of the network.
+    loss_kwargs         = {},       # class_name and arguments of the loss.
+    seed                = None,     # Seed of the run; None = the resumed run's, else random.
+    batch_size          = 512,      # Images per optimizer step, over all ranks.
+    batch_gpu           = None,     # Most images per rank and pass, None = all of the rank's share.
+    total_kimg          = 200000,   # Length of the run, in thousands of images.
+    resume_pkl          = None,     # Snapshot whose `ema` the network starts from.
+    teacher_pkl         = None,     # Snapshot whose `ema` is the frozen teacher.
+    resume_state_dump   = None,     # Training state to continue from, or a run directory (its newest state).
+    validation_fn       = None,     # Periodic evaluation (its options are checked).
+    device              = None,     # torch.device of this rank, None = CUDA when available.
+    **_loop_kwargs,                 # The other keyword arguments of training_loop(), not needed here.
+):
+    """Read and check everything the run starts from (see the module doc);
+    call on all ranks. Returns an EasyDict for training_loop(inputs=...)."""
+    device = torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
+    world_size = dist.get_world_size()
+
+    # The global batch split over ranks and accumulation rounds.
+    if batch_size % world_size != 0:
+        raise ValueError(f'--batch={batch_size} does not divide over {world_size} ranks; pass a multiple of {world_size}.')
+    batch_gpu_total = batch_size // world_size
+    batch_gpu = min(batch_gpu or batch_gpu_total, batch_gpu_total)
+    if batch_gpu_total % batch_gpu != 0:
+        raise ValueError(f'--batch={batch_size} gives {batch_gpu_total} images per rank, which --batch-gpu={batch_gpu} does not divide; pass a --batch that is a multiple of {world_size * batch_gpu}.')
+
+    # The dataset, and the names and shapes of the network it implies.
+    dataset_obj = _open_dataset(dataset_kwargs)
+    try:
+        interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
+    except ValueError as err:
+        raise ValueError(f'--data: {err}') from err
+    shapes = checkpoint.network_shapes(network_kwargs, interface_kwargs)
+
+    # The loss and its teacher; the grids the teacher gives must leave no segment empty.
+    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    teacher = None
+    if teacher_pkl is not None:
+        if not hasattr(loss_fn, 'set_teacher'):
+            raise ValueError(f'teacher_pkl="{teacher_pkl}" was given, but the loss {type(loss_fn).__name__} takes no teacher; use a loss with set_teacher() or leave teacher_pkl out.')
+        dist.print0(f'Loading the teacher "{teacher_pkl}"...')
+        teacher = _load_network(teacher_pkl, '--teacher')
+        _check_fits_data(teacher, dataset_obj, dataset_kwargs['path'], f'The teacher "{teacher_pkl}"')
+        loss_fn.set_teacher(teacher)
+
+    # The weights the network starts from: the teacher's (same class, names and shapes) or a --transfer snapshot's.
+    init_net = None
+    if resume_pkl is not None and resume_pkl == teacher_pkl:
+        fix = 'pass the teacher\'s architecture options (--arch, --precond, --cbase, --cres, --cond, --augment) or --student_init=random'
+        student_class = network_kwargs['class_name'].split('.')[-1]
+        if type(teacher).__name__ != student_class:
+            raise ValueError(f'The teacher "{teacher_pkl}" is of class {type(teacher).__name__}, but the student would be of class {student_class}; {fix}.')
+        checkpoint.check_tensors(checkpoint.tensor_shapes(teacher), shapes, f'The teacher "{teacher_pkl}"', fix, require_all=True)
+        init_net = teacher
+    elif resume_pkl is not None:
+        init_net = _load_network(resume_pkl, '--transfer')
+        fix = 'choose the --arch, --cbase, --cres, --cond and --augment of the network in it'
+        checkpoint.check_tensors(checkpoint.tensor_shapes(init_net), shapes, f'The --transfer snapshot "{resume_pkl}"', fix)
+
+    # The training state to continue from.
+    state = None
+    if resume_state_dump is not None:
+        try:
+            resume_state_dump = checkpoint.find_state(resume_state_dump)
+            state = checkpoint.load_training_state(resume_state_dump)
+        except ValueError as err:
+            raise ValueError(f'--resume: {err}') from err
+        _check_resume(state, resume_state_dump, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg)
+
+    _check_validation(validation_fn, [dataset_obj.num_channels, dataset_obj.resolution, dataset_obj.resolution], device)
+    if seed is None:
+        seed = int(state['seed']) if state is not None else dist.broadcast_object(int.from_bytes(os.urandom(4), 'little') % (1 << 31))
+    return dnnlib.EasyDict(dataset_obj=dataset_obj, loss_fn=loss_fn, teacher=teacher, init_net=init_net, state=state,
+        resume_state_dump=resume_state_dump, seed=seed, batch_gpu=batch_gpu, num_accumulation_rounds=batch_gpu_total // batch_gpu, device=device)
+
+#----------------------------------------------------------------------------
 
 def training_loop(
     run_dir             = '.',      # Where the files go; None on ranks other than 0.
@@ -233,7 +294,7 @@ def training_loop(
     loss_kwargs         = {},       # class_name and arguments of the loss.
     optimizer_kwargs    = {},       # class_name and arguments of the optimizer; `lr` is the peak.
     augment_kwargs      = None,     # class_name and arguments of the augmentation pipeline, None = none.
-    seed                = 0,        # Seed of the data order and of every rank's generators.
+    seed                = None,     # Seed of the data order and of every rank's generators; None = see setup().
     batch_size          = 512,      # Images per optimizer step, over all ranks.
     batch_gpu           = None,     # Most images per rank and pass, None = all of the rank's share.
     total_kimg          = 200000,   # Stop after this many thousand images.
@@ -254,6 +315,7 @@ def training_loop(
     val_at_start        = False,    # Also call validation_fn once before the first step?
     wandb_run           = None,     # A W&B run to log the statistics to (rank 0 only), None = no W&B.
     device              = None,     # torch.device of this rank, None = CUDA when available, else the CPU.
+    inputs              = None,     # What setup() returned for these arguments, None = call it here.
 ):
     """Train `network_kwargs` with `loss_kwargs` on `dataset_kwargs`; write
     `stats.jsonl`, `network-snapshot-<kimg>.pkl` and `training-state-<kimg>.pt`
@@ -266,11 +328,16 @@ def training_loop(
     all ranks). It returns a dict: numbers go to the statistics as
     `Validation/<name>` and to W&B, other values (images) to W&B only.
     """
-    # Devices, seeds and numerics.
     start_time = time.time()
-    if device is None:
-        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(device)
+    if inputs is None:
+        inputs = setup(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, seed=seed, batch_size=batch_size,
+            batch_gpu=batch_gpu, total_kimg=total_kimg, resume_pkl=resume_pkl, teacher_pkl=teacher_pkl, resume_state_dump=resume_state_dump,
+            validation_fn=validation_fn, device=device)
+    device, seed, dataset_obj, loss_fn, state = inputs.device, inputs.seed, inputs.dataset_obj, inputs.loss_fn, inputs.state
+    batch_gpu, num_accumulation_rounds = inputs.batch_gpu, inputs.num_accumulation_rounds
+    batch_gpu_total = batch_gpu * num_accumulation_rounds
+
+    # Seeds and numerics.
     rank = dist.get_rank()
     world_size = dist.get_world_size()
     numpy_seed, torch_seed, python_seed = (int(x) for x in np.random.SeedSequence([seed, rank]).generate_state(3))
@@ -281,31 +348,10 @@ def training_loop(
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-
-    # The global batch split over ranks and accumulation rounds.
-    if batch_size % world_size != 0:
-        raise ValueError(f'batch_size={batch_size} does not divide over {world_size} ranks; use a multiple of {world_size}.')
-    batch_gpu_total = batch_size // world_size
-    if batch_gpu is None or batch_gpu > batch_gpu_total:
-        batch_gpu = batch_gpu_total
-    if batch_gpu_total % batch_gpu != 0:
-        raise ValueError(f'batch_size={batch_size} over {world_size} ranks gives {batch_gpu_total} per rank, which batch_gpu={batch_gpu} does not divide; use a batch size that is a multiple of {world_size * batch_gpu}.')
-    num_accumulation_rounds = batch_gpu_total // batch_gpu
-
-    # Where to continue from.
-    state = None
-    cur_nimg = 0
-    cur_tick = 0
-    if resume_state_dump is not None:
-        state = load_training_state(resume_state_dump)
-        cur_nimg = int(state['cur_nimg'])
-        cur_tick = int(state['cur_tick']) + 1
-        if cur_nimg >= total_kimg * 1000:
-            raise ValueError(f'The training state "{resume_state_dump}" has seen {cur_nimg} images, which reaches total_kimg={total_kimg}; train for longer.')
+    cur_nimg = int(state['cur_nimg']) if state is not None else 0
+    cur_tick = int(state['cur_tick']) + 1 if state is not None else 0
 
     # Data, in the order of the global image stream.
-    dist.print0('Reading the dataset...')
-    dataset_obj = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=cur_nimg)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
 
@@ -319,9 +365,8 @@ def training_loop(
             example = [torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]), torch.ones([batch_gpu]), torch.zeros([batch_gpu, net.label_dim])]
             misc.print_module_summary(net, [t.to(device) for t in example], max_nesting=2)
 
-    # Loss, optimizer, augmentation, DDP wrapper and EMA.
-    dist.print0('Setting up the loss, optimizer and EMA...')
-    loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    # Optimizer, augmentation, DDP wrapper and EMA.
+    dist.print0('Setting up the optimizer and EMA...')
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     ddp = net
@@ -330,32 +375,19 @@ def training_loop(
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
 
-    # The frozen teacher of a distillation loss.
-    teacher_data = None
-    if teacher_pkl is not None:
-        if not hasattr(loss_fn, 'set_teacher'):
-            raise ValueError(f'teacher_pkl="{teacher_pkl}" was given, but the loss {type(loss_fn).__name__} takes no teacher; use a loss with set_teacher() or leave teacher_pkl out.')
-        dist.print0(f'Loading the teacher "{teacher_pkl}"...')
-        teacher_data = load_snapshot(teacher_pkl)
-        teacher = teacher_data['ema'].eval().requires_grad_(False).to(device)
-        if hasattr(teacher, 'use_fp16'):
-            teacher.use_fp16 = bool(network_kwargs.get('use_fp16', False))
-        loss_fn.set_teacher(teacher)
-
-    # Weights from a snapshot (the teacher's, when it is the same file).
-    if resume_pkl is not None:
+    # The frozen teacher, in the precision of the network; the weights to start from.
+    if inputs.teacher is not None:
+        inputs.teacher.to(device)
+        if hasattr(inputs.teacher, 'use_fp16'):
+            inputs.teacher.use_fp16 = bool(network_kwargs.get('use_fp16', False))
+    if inputs.init_net is not None:
         dist.print0(f'Copying the weights of "{resume_pkl}"...')
-        data = teacher_data if (teacher_data is not None and resume_pkl == teacher_pkl) else load_snapshot(resume_pkl)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=net, require_all=False)
-        misc.copy_params_and_buffers(src_module=data['ema'], dst_module=ema, require_all=False)
-        del data
-    del teacher_data
+        misc.copy_params_and_buffers(src_module=inputs.init_net, dst_module=net, require_all=False)
+        misc.copy_params_and_buffers(src_module=inputs.init_net, dst_module=ema, require_all=False)
 
     # Continue from a training state; the generators come last, after everything that draws from them.
     if state is not None:
-        dist.print0(f'Continuing from the training state "{resume_state_dump}"...')
-        fix = 'resume with the options of the run that wrote it'
-        check_tensors({k: v.shape for k, v in state['net'].items()}, net, f'The training state "{resume_state_dump}"', fix, require_all=True)
+        dist.print0(f'Continuing from the training state "{inputs.resume_state_dump}"...')
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer_state'])
@@ -366,33 +398,22 @@ def training_loop(
             set_rng_states(state['rng_states'][rank], device)
         else:
             dist.print0('The seed, the number of ranks or the batch per rank differs from the saved run: it continues, but not bit-identically.')
-        del state
+    del inputs, state
 
-    # Snapshots: modules as CPU copies in eval mode, checked equal across ranks.
-    def snapshot_data():
-        extras = snapshot_extras(net=net, ema=ema, loss_fn=loss_fn, cur_nimg=cur_nimg) if callable(snapshot_extras) else snapshot_extras
-        data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
-        data.update(copy.deepcopy(dict(extras or {})))
-        modules = {key: value for key, value in data.items() if isinstance(value, torch.nn.Module)}
-        for key, module in modules.items():
-            module = copy.deepcopy(module).eval().requires_grad_(False)
-            misc.check_ddp_consistency(module)
-            data[key] = module.cpu()
-        return data
-
+    # Snapshots and training states.
     def save_snapshot(file_name):
-        data = snapshot_data()
+        extras = snapshot_extras(net=net, ema=ema, loss_fn=loss_fn, cur_nimg=cur_nimg) if callable(snapshot_extras) else snapshot_extras
+        data = checkpoint.snapshot_data(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs, extras=extras)
         if rank == 0:
-            write_atomic(os.path.join(run_dir, file_name), lambda f: pickle.dump(data, f))
+            checkpoint.save_snapshot(os.path.join(run_dir, file_name), data)
 
     def save_state(file_name):
-        rng_states = gather_objects(get_rng_states(device))
+        rng_states = dist.gather_objects(get_rng_states(device))
         if rank == 0:
-            data = dict(format=STATE_FORMAT, net=net.state_dict(), ema=ema.state_dict(), optimizer_state=optimizer.state_dict(),
-                loss_state=(loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else None),
-                cur_nimg=cur_nimg, cur_tick=cur_tick, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu,
-                world_size=world_size, rng_states=rng_states, network_kwargs=dict(network_kwargs), loss_kwargs=dict(loss_kwargs))
-            write_atomic(os.path.join(run_dir, file_name), lambda f: torch.save(data, f))
+            checkpoint.save_training_state(os.path.join(run_dir, file_name), dict(net=net.state_dict(), ema=ema.state_dict(),
+                optimizer_state=optimizer.state_dict(), loss_state=(loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else None),
+                cur_nimg=cur_nimg, cur_tick=cur_tick, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, world_size=world_size,
+                rng_states=rng_states, network_kwargs=dict(network_kwargs), loss_kwargs=dict(loss_kwargs)))
 
     # Validation.
     def validate():

@@ -91,25 +91,6 @@ def _parse_options(num, seed, batch, ref, ref_data, detector, teacher, agree_num
         teacher=bool(teacher), agree_num=int(agree_num), heun_steps=int(heun_steps), grid_num=int(grid_num),
         save_best=bool(save_best), workers=int(workers), resume_dir=resume_dir)
 
-def _rank0(fn, share=False):
-    """fn() on rank 0; its ValueError is raised on every rank, so that all
-    stop together. Returns fn's result on rank 0 (on every rank with share)."""
-    result, message = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except ValueError as err:
-            message = str(err)
-    if dist.get_world_size() > 1:
-        box = [result if share else None, message]
-        torch.distributed.broadcast_object_list(box, src=0)
-        if share:
-            result = box[0]
-        message = box[1]
-    if message is not None:
-        raise ValueError(message)
-    return result
-
 def check_options(image_shape, device='cpu', func_name=None, **kwargs):
     """Check the options of `validate` (the keyword arguments given to it;
     `func_name` is ignored, so the training loop's `validation_fn` dict can
@@ -125,9 +106,9 @@ def check_options(image_shape, device='cpu', func_name=None, **kwargs):
     det = metrics.load_detector(opts.detector, device=device)
     dim = det.feature_dim(image_shape)
     if opts.ref is not None:
-        _rank0(lambda: _load_ref(opts.ref, det, dim))
+        dist.on_rank0(lambda: _load_ref(opts.ref, det, dim))
     else:
-        _rank0(lambda: _open_ref_data(opts.ref_data, image_shape))
+        dist.on_rank0(lambda: _open_ref_data(opts.ref_data, image_shape))
 
 #----------------------------------------------------------------------------
 # Files of the run directory.
@@ -206,7 +187,7 @@ def _reference(opts, det, dim, image_shape, run_dir):
     """Reference statistics (mu, sigma) on rank 0, None elsewhere. From
     `ref_data` they are computed by all ranks once and cached in run_dir."""
     if opts.ref is not None:
-        ref = _rank0(lambda: _load_ref(opts.ref, det, dim))
+        ref = dist.on_rank0(lambda: _load_ref(opts.ref, det, dim))
         return None if ref is None else (ref.mu, ref.sigma)
 
     file_name = ref_file_name(det.name, opts.ref_data)
@@ -219,11 +200,11 @@ def _reference(opts, det, dim, image_shape, run_dir):
                     metrics.save_ref_stats(os.path.join(run_dir, file_name), ref.mu, ref.sigma, detector=det.name)
                 return ref
         return None
-    ref = _rank0(find_cached)
-    if _rank0(lambda: ref is not None, share=True):
+    ref = dist.on_rank0(find_cached)
+    if dist.on_rank0(lambda: ref is not None, share=True):
         return (ref.mu, ref.sigma) if ref is not None else None
 
-    images = _rank0(lambda: _open_ref_data(opts.ref_data, image_shape))
+    images = dist.on_rank0(lambda: _open_ref_data(opts.ref_data, image_shape))
     if images is None:
         images = _open_ref_data(opts.ref_data, image_shape)
     dist.print0(f'Validation: reference statistics of {len(images)} images from "{opts.ref_data}" with detector "{det.name}"...')
@@ -249,28 +230,7 @@ def _rank_batches(total, batch):
 def generate_images(net, indices, seed, device, sample_fn, **sample_kwargs):
     """Images of the global indices `indices` (seeds seed + i, class i % label_dim),
     as float64 [N, C, H, W] clipped to [-1, 1]."""
-    rnd = samplers.StackedRandomGenerator(device, [seed + i for i in indices])
-    latents = rnd.randn([len(indices), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    labels = None
-    if net.label_dim:
-        labels = torch.eye(net.label_dim, device=device)[torch.as_tensor(indices, device=device) % net.label_dim]
-    with torch.no_grad():
-        images = sample_fn(net, latents, labels, randn_like=rnd.randn_like, **sample_kwargs)
-    return images.to(torch.float64).clip(-1, 1)
-
-def to_uint8(images):
-    """[-1, 1] -> uint8, quantized as generate.py writes images."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-def image_grid(images):
-    """Tile uint8 HWC images row by row into a near-square uint8 HWC grid (empty cells black)."""
-    cols = int(np.ceil(np.sqrt(len(images))))
-    rows = (len(images) - 1) // cols + 1
-    h, w, c = images[0].shape
-    grid = np.zeros([rows, cols, h, w, c], dtype=np.uint8)
-    for i, image in enumerate(images):
-        grid[i // cols, i % cols] = image
-    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+    return samplers.generate_images(net, [seed + i for i in indices], device, sample_fn, classes=indices, **sample_kwargs)
 
 _teacher_cache = weakref.WeakKeyDictionary() # teacher -> {(seed, class, heun_steps): float32 CPU image}
 
@@ -319,7 +279,7 @@ def validate(
     device = torch.device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    history = _rank0(lambda: _summarize_history(read_history(run_dir, opts.resume_dir)), share=True)
+    history = dist.on_rank0(lambda: _summarize_history(read_history(run_dir, opts.resume_dir)), share=True)
 
     # Sampler of the network; the teacher of a consistency loss.
     if callable(getattr(loss_fn, 'student_sigmas', None)):
@@ -348,7 +308,7 @@ def validate(
     def fd_of(stats):
         stats.all_reduce()
         mu, sigma = stats.mean_cov()
-        return _rank0(lambda: metrics.frechet_distance(mu, sigma, *ref_stats), share=True)
+        return dist.on_rank0(lambda: metrics.frechet_distance(mu, sigma, *ref_stats), share=True)
 
     figures = dict()
     total = max(opts.num, agree_num)
@@ -360,7 +320,7 @@ def validate(
         stats = metrics.FeatureStats(det.device)
         for chunk in _rank_batches(opts.num, opts.batch):
             images = generate_images(teacher_net, chunk, opts.seed, device, samplers.edm_sampler, num_steps=opts.heun_steps)
-            stats.append(det(to_uint8(images)))
+            stats.append(det(samplers.to_uint8(images)))
             agree = [j for j, i in enumerate(chunk) if i < agree_num]
             if agree:
                 _teacher_images(teacher_net, [chunk[j] for j in agree], opts, device, new_images=images[agree])
@@ -373,7 +333,7 @@ def validate(
     grid_items = []
     for chunk in _rank_batches(total, opts.batch):
         images = generate_images(net, chunk, opts.seed, device, sample_fn, **sample_kwargs)
-        images_u8 = to_uint8(images)
+        images_u8 = samplers.to_uint8(images)
         rows = [j for j, i in enumerate(chunk) if i < opts.num]
         if rows:
             stats.append(det(images_u8[rows]))
@@ -387,9 +347,7 @@ def validate(
     if agree_num > 0:
         if dist.is_distributed():
             torch.distributed.all_reduce(sq_err)
-        mse = float(sq_err[0] / sq_err[1])
-        figures['agree_rmse'] = math.sqrt(mse)
-        figures['agree_psnr'] = 10 * math.log10(4 / mse) if mse > 0 else float('inf')
+        figures.update(metrics.agreement(float(sq_err[0] / sq_err[1])))
 
     # The best snapshot.
     best = False
@@ -400,11 +358,8 @@ def validate(
             save_snapshot(BEST_SNAPSHOT)
 
     # The grid of the first images.
-    if dist.is_distributed():
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, grid_items)
-        grid_items = [item for part in gathered for item in part]
-    grid = image_grid([image for _i, image in sorted(grid_items, key=lambda item: item[0])]) if grid_items else None
+    grid_items = [item for part in dist.gather_objects(grid_items) for item in part]
+    grid = samplers.image_grid([image for _i, image in sorted(grid_items, key=lambda item: item[0])]) if grid_items else None
 
     # Record and report.
     time_end = time.time()
