@@ -116,3 +116,72 @@ def test_losses_pickle(loss_fn):
     copy = pickle.loads(pickle.dumps(loss_fn))
     assert type(copy).__name__ == type(loss_fn).__name__
     assert vars(copy) == vars(loss_fn)
+
+#----------------------------------------------------------------------------
+# EDM2: learned uncertainty weighting.
+
+class UncertainNet:
+    """Stand-in EDM2 denoiser: D = `denoised(x)`, u(sigma) = `logvar(sigma)`; records its calls."""
+
+    def __init__(self, denoised, logvar):
+        self.denoised = denoised
+        self.logvar = logvar
+        self.calls = []
+
+    def __call__(self, x, sigma, labels, return_logvar=False, **kwargs):
+        self.calls.append(dict(x=x, sigma=sigma, labels=labels, return_logvar=return_logvar, **kwargs))
+        assert return_logvar
+        return self.denoised(x), self.logvar(sigma)
+
+def test_edm2_loss_closed_form():
+    torch.manual_seed(4)
+    images = torch.randn([6, 2, 3, 3])
+    labels = torch.eye(6)
+    D = torch.randn_like(images)
+    net = UncertainNet(lambda x: D, lambda sigma: 0.3 * sigma.log() - 0.2)
+    out = losses.EDM2Loss(P_mean=-0.4, P_std=1.0, sigma_data=0.5)(net, images, labels)
+    call = net.calls[0]
+    assert call['labels'] is labels and 'augment_labels' not in call
+    # Independent float64 evaluation with the drawn sigma.
+    s = call['sigma'].double()
+    u = 0.3 * s.log() - 0.2
+    lam = (s ** 2 + 0.25) / (s * 0.5) ** 2
+    expected = lam * torch.exp(-u) * (D.double() - images.double()) ** 2 + u
+    assert out.shape == images.shape
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+def test_edm2_loss_noise_distribution_and_optimal_uncertainty():
+    torch.manual_seed(5)
+    images = torch.ones([20000, 1, 1, 1])
+    # Zero denoiser on unit images: the error is 1, so the loss is lambda e^-u + u, smallest at u = ln lambda.
+    net = UncertainNet(lambda x: torch.zeros_like(x), lambda sigma: ((sigma ** 2 + 0.25) / (sigma * 0.5) ** 2).log())
+    out = losses.EDM2Loss()(net, images)
+    log_sigma = net.calls[0]['sigma'].flatten().double().log()
+    assert log_sigma.mean().item() == pytest.approx(-0.4, abs=0.03)
+    assert log_sigma.std().item() == pytest.approx(1.0, abs=0.03)
+    sigma = log_sigma.exp()
+    torch.testing.assert_close(out.flatten().double(), 1 + ((sigma ** 2 + 0.25) / (sigma * 0.5) ** 2).log(), rtol=1e-5, atol=1e-5)
+
+def test_edm2_loss_augment_hook_and_pickle():
+    torch.manual_seed(6)
+    images = torch.randn([4, 3, 4, 4])
+    augmented = images.flip(2)
+    augment_labels = torch.randn([4, 9])
+    net = UncertainNet(lambda x: augmented, lambda sigma: torch.zeros_like(sigma))
+    out = losses.EDM2Loss()(net, images, None, augment_pipe=lambda batch: (augmented, augment_labels))
+    assert torch.equal(out, torch.zeros_like(images))
+    assert net.calls[0]['augment_labels'] is augment_labels
+    copy = pickle.loads(pickle.dumps(losses.EDM2Loss(P_mean=-0.8, P_std=1.6)))
+    assert vars(copy) == dict(P_mean=-0.8, P_std=1.6, sigma_data=0.5, _init_args=(), _init_kwargs=dict(P_mean=-0.8, P_std=1.6))
+
+def test_edm2_loss_trains_the_uncertainty_of_a_real_network(one_thread):
+    from training import networks_edm2 # pylint: disable=import-outside-toplevel
+    torch.manual_seed(7)
+    net = networks_edm2.Precond(img_resolution=8, img_channels=2, label_dim=3, model_channels=8, channel_mult=[1],
+        num_blocks=1, attn_resolutions=[], logvar_channels=4, use_fp16=False)
+    images = torch.randn([2, 2, 8, 8]) * 0.5
+    out = losses.EDM2Loss()(net, images, torch.eye(3)[[0, 2]])
+    assert out.shape == images.shape and torch.isfinite(out).all()
+    out.mean().backward()
+    assert net.logvar_linear.weight.grad.abs().sum() > 0
+    assert net.unet.out_gain.grad.abs() > 0 # A new network's output gain is 0, so the U-Net learns through it first.

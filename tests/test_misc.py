@@ -14,6 +14,15 @@ def test_constant_is_cached_and_broadcast():
     assert misc.constant([1.0, 2.0], shape=[3, 2]) is a
     assert misc.constant([1.0, 2.0], shape=[3, 2], dtype=torch.float64) is not a
 
+def test_const_like_takes_dtype_and_device_of_the_reference():
+    ref = torch.zeros([2], dtype=torch.float16)
+    a = misc.const_like(ref, [[1.0, 2.0]])
+    assert a.dtype == torch.float16 and a.device == ref.device and a.tolist() == [[1.0, 2.0]]
+    assert misc.const_like(ref, [[1.0, 2.0]]) is a
+    assert misc.const_like(ref, [[1.0, 2.0]]) is misc.constant([[1.0, 2.0]], dtype=torch.float16)
+    b = misc.const_like(ref, 3, shape=[2, 2], dtype=torch.float64)
+    assert b.dtype == torch.float64 and b.tolist() == [[3.0, 3.0], [3.0, 3.0]]
+
 def test_assert_shape():
     misc.assert_shape(torch.zeros(2, 3), [None, 3])
     with pytest.raises(AssertionError, match='dimension 1'):

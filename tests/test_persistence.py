@@ -163,6 +163,27 @@ def test_import_hook_can_patch_old_sources():
         persistence._import_hooks.remove(hook)
     torch.testing.assert_close(net(torch.ones(1, 2)), torch.full([1, 2], 10.0))
 
+def test_record_init_args_can_be_switched_off(tmp_path, monkeypatch):
+    # EDM2's persistence lets a constructor opt out of recording its arguments.
+    (tmp_path / 'norecord_mod.py').write_text(textwrap.dedent('''
+        from torch_utils import persistence
+
+        @persistence.persistent_class
+        class Quiet:
+            def __init__(self, big):
+                self._record_init_args = False
+                self.size = len(big)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module('norecord_mod')
+    obj = pickle.loads(pickle.dumps(module.Quiet(big=list(range(5)))))
+    assert obj.size == 5 and obj._init_args is None and obj._init_kwargs is None
+    with pytest.raises(ValueError, match='_record_init_args'):
+        obj.init_kwargs # pylint: disable=pointless-statement
+    with pytest.raises(ValueError, match='_record_init_args'):
+        obj.init_args # pylint: disable=pointless-statement
+    sys.modules.pop('norecord_mod')
+
 def test_bad_uses():
     with pytest.raises(ValueError, match='decorates classes only'):
         persistence.persistent_class(lambda: None)

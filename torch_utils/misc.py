@@ -11,7 +11,7 @@ import torch
 import dnnlib
 
 #----------------------------------------------------------------------------
-# Cached constants (the module sources of published EDM pickles call these).
+# Cached constants (the module sources of published EDM and EDM2 pickles call these).
 
 _constant_cache = dict()
 
@@ -35,6 +35,11 @@ def constant(value, shape=None, dtype=None, device=None, memory_format=None):
         tensor = tensor.contiguous(memory_format=memory_format)
         _constant_cache[key] = tensor
     return tensor
+
+def const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
+    """constant() with the dtype and device of the tensor `ref` unless given (EDM2's module sources call this)."""
+    return constant(value, shape=shape, dtype=(ref.dtype if dtype is None else dtype),
+        device=(ref.device if device is None else device), memory_format=memory_format)
 
 def nan_to_num(input, nan=0.0, posinf=None, neginf=None, *, out=None): # pylint: disable=redefined-builtin
     """torch.nan_to_num (kept under this name for older module sources)."""

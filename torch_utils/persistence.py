@@ -9,8 +9,9 @@ An object of a class decorated with `persistent_class` pickles as a call of
 Unpickling executes `module_src` as a fresh module (once per distinct source
 text), looks the class up in it, creates the object without calling
 `__init__` and restores its state. This is the format of the snapshots of the
-published EDM code, so those load here, and the pickles written here load
-there. The constructor arguments are kept as `init_args` / `init_kwargs`.
+published EDM and EDM2 code, so those load here, and the pickles written here
+load there. The constructor arguments are kept as `init_args` / `init_kwargs`,
+unless the constructor sets `self._record_init_args = False` (as in EDM2).
 """
 
 import copy
@@ -53,15 +54,20 @@ def persistent_class(orig_class):
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._init_args = copy.deepcopy(args)
-            self._init_kwargs = copy.deepcopy(kwargs)
+            record = getattr(self, '_record_init_args', True)
+            self._init_args = copy.deepcopy(args) if record else None
+            self._init_kwargs = copy.deepcopy(kwargs) if record else None
 
         @property
         def init_args(self):
+            if self._init_args is None:
+                raise ValueError(f'{type(self).__name__} was built with _record_init_args = False, so it kept no init_args; construct it without that flag.')
             return copy.deepcopy(self._init_args)
 
         @property
         def init_kwargs(self):
+            if self._init_kwargs is None:
+                raise ValueError(f'{type(self).__name__} was built with _record_init_args = False, so it kept no init_kwargs; construct it without that flag.')
             return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
 
         def __reduce__(self):

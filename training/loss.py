@@ -1,9 +1,11 @@
-"""Denoising score matching losses of EDM (Karras et al. 2022, Table 1).
+"""Denoising score matching losses of EDM (Karras et al. 2022, Table 1) and EDM2
+(Karras et al. 2024).
 
 Each loss draws one noise level per image from its training distribution,
 optionally augments the clean images, and returns the per-element loss
 `weight(sigma) * (D(y + n; sigma) - y)^2` with `n ~ N(0, sigma^2 I)`; the
-caller reduces it.
+caller reduces it. The EDM2 loss also divides by the network's learned
+uncertainty exp(u(sigma)) and adds u(sigma).
 """
 
 import torch
@@ -80,5 +82,34 @@ class EDMLoss:
         sigma = (rnd_normal * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         return _noisy_denoising_error(net, images, labels, sigma, weight, augment_pipe)
+
+#----------------------------------------------------------------------------
+
+@persistence.persistent_class
+class EDM2Loss:
+    """EDM2 loss: ln sigma ~ N(P_mean, P_std^2), EDM's weight lambda(sigma), and the
+    network's log-variance u(sigma): lambda(sigma) / exp(u) * (D - y)^2 + u."""
+
+    def __init__(self,
+        P_mean      = -0.4,     # Mean of ln sigma.
+        P_std       = 1.0,      # Standard deviation of ln sigma.
+        sigma_data  = 0.5,      # Standard deviation of the training data.
+    ):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        if augment_pipe is not None:
+            y, augment_labels = augment_pipe(images)
+            net_kwargs = dict(augment_labels=augment_labels)
+        else:
+            y, net_kwargs = images, dict()
+        n = torch.randn_like(y) * sigma
+        D_yn, logvar = net(y + n, sigma, labels, return_logvar=True, **net_kwargs)
+        return (weight / logvar.exp()) * ((D_yn - y) ** 2) + logvar
 
 #----------------------------------------------------------------------------
