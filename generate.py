@@ -149,11 +149,12 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
         sample_fn = samplers.edm_sampler if sampler == 'heun' else samplers.euler_sampler
         sample_kwargs = sampler_kwargs
         num_steps = sampler_kwargs.get('num_steps', 18)
-        sigma_min = max(sampler_kwargs.get('sigma_min', 0.002), net.sigma_min)
-        sigma_max = min(sampler_kwargs.get('sigma_max', 80), net.sigma_max)
+        net_min, net_max, _round_sigma = samplers.noise_range(net)
+        sigma_min = max(sampler_kwargs.get('sigma_min', 0.002), net_min)
+        sigma_max = min(sampler_kwargs.get('sigma_max', 80), net_max)
         if not sigma_min < sigma_max:
             raise click.ClickException(f'The noise levels run from sigma_min={sigma_min} to sigma_max={sigma_max} '
-                f'(the network supports {net.sigma_min} to {net.sigma_max}); choose --sigma_min below --sigma_max.')
+                f'(the network supports {net_min} to {net_max}); choose --sigma_min below --sigma_max.')
         desc = f'{sampler} sampler, {num_steps} steps, {2 * num_steps - 1 if sampler == "heun" else num_steps} network evaluations'
 
     # Divide the seeds among the processes in equal numbers of batches.

@@ -49,15 +49,28 @@ ARCH_PRESETS = dict(
     ncsnpp  = dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
                    channel_mult_noise=2, resample_filter=[1,3,3,1], model_channels=128, channel_mult=[2,2,2]),
     adm     = dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1,2,3,4]),
+    edm2    = dict(model_channels=192, channel_mult=[1,2,3,4]),
 )
 
 AUGMENT_PRESET = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1) # Probability multipliers of --augment.
 
-PRECOND_CLASSES = dict( # --precond -> (network class, loss class)
+PRECOND_CLASSES = dict( # --precond -> (network class, loss class); EDM2's network has its own.
     vp      = ('training.networks.VPPrecond', 'training.loss.VPLoss'),
     ve      = ('training.networks.VEPrecond', 'training.loss.VELoss'),
     edm     = ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
+    edm2    = ('training.networks_edm2.Precond', 'training.loss.EDM2Loss'),
 )
+
+EDM2_PRESETS = { # --preset -> the published hyperparameters of EDM2 (Karras et al. 2024), all with --batch=2048.
+    f'edm2-img{res}-{size}': dict(cbase=cbase, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std)
+    for res, decay, P_mean, P_std, sizes in [
+        (64,  35000, -0.8, 1.6, dict(xs=(128, 0.0120, 0), s=(192, 0.0100, 0), m=(256, 0.0090, 0.1), l=(320, 0.0080, 0.1), xl=(384, 0.0070, 0.1))),
+        (512, 70000, -0.4, 1.0, dict(xxs=(64, 0.0170, 0), xs=(128, 0.0120, 0), s=(192, 0.0100, 0), m=(256, 0.0090, 0.1), l=(320, 0.0080, 0.1),
+            xl=(384, 0.0070, 0.1), xxl=(448, 0.0065, 0.1))),
+    ] for size, (cbase, lr, dropout) in sizes.items()
+}
+EDM2_DEFAULTS = dict(precond='edm2', ema=None, dropout=0, augment=0, decay=70000, phema=[0.050, 0.100], P_mean=-0.4, P_std=1.0) # --arch=edm2.
+EDM_DEFAULTS = dict(precond='edm', ema=0.5, dropout=0.13, augment=0.12, decay=0, phema=None) # The EDM architectures.
 
 CD_LOSS_OPTIONS = dict( # Keyword of ConsistencyDistillLoss -> the option that sets it.
     S='S', T_start='T_start', T_end='T_end', T_anneal_kimg='T_anneal_kimg', T_anneal='T_anneal', rho='rho', sigma_min='sigma_min',
@@ -88,14 +101,45 @@ def parse_str_list(s):
         return s
     return [item.strip() for item in s.split(',') if item.strip()]
 
+def parse_float_list(s):
+    """'0.05,0.1' -> [0.05, 0.1]; None when s is not such a list."""
+    parts = [part for part in s.split(',') if part.strip()]
+    if not parts or not all(re.fullmatch(r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*', part) for part in parts):
+        return None
+    return [float(part) for part in parts]
+
+def parse_phema(s):
+    """--phema: a list of sigma_rel, or 'none'; a list passes through."""
+    if s is None or isinstance(s, list) or s == 'none':
+        return None if s == 'none' else s
+    if parse_float_list(s) is None:
+        raise click.BadParameter(f'"{s}" is not a comma-separated list of numbers; pass e.g. 0.050,0.100, or none.')
+    return parse_float_list(s)
+
 def parse_student_sigmas(text):
     """--student_sigmas: a layout name, or the interior sigmas as a list of floats."""
     if text in ('karras', 'karras_open'):
         return text
-    parts = [part for part in text.split(',') if part.strip()]
-    if not parts or not all(re.fullmatch(r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*', part) for part in parts):
+    if parse_float_list(text) is None:
         raise click.ClickException(f'--student_sigmas={text} is neither karras, karras_open nor a comma-separated list of numbers; pass a layout name or the S-1 interior sigmas, e.g. 2.5,0.5,0.1.')
-    return [float(part) for part in parts]
+    return parse_float_list(text)
+
+def apply_defaults(opts, given):
+    """Fill the options that were not given: an EDM2 --preset first, then the defaults of the architecture."""
+    if opts.preset is not None:
+        if 'arch' in given and opts.arch != 'edm2':
+            raise click.ClickException(f'--preset={opts.preset} is an EDM2 preset, but --arch={opts.arch}; pass --arch=edm2 or leave --arch out.')
+        preset = dict(EDM2_PRESETS[opts.preset], arch='edm2', batch=2048)
+        opts.update({key: value for key, value in preset.items() if key not in given})
+        given = set(given) | set(preset)
+    if opts.arch == 'edm2' and 'precond' in given:
+        raise click.ClickException(f'--precond={opts.precond} applies to the EDM architectures; --arch=edm2 has its own preconditioning, so leave --precond out.')
+    for name in ('P_mean', 'P_std'):
+        if opts.arch != 'edm2' and name in given:
+            raise click.ClickException(f'--{name} applies only to --arch=edm2 (EDM2\'s loss); leave it out.')
+    if opts.arch == 'edm2' and 'augment' in given and opts.augment > 0:
+        raise click.ClickException(f'--augment={opts.augment:g} is not supported by --arch=edm2 (its network takes no augmentation labels); pass --augment=0.')
+    opts.update({key: value for key, value in (EDM2_DEFAULTS if opts.arch == 'edm2' else EDM_DEFAULTS).items() if key not in given})
 
 @contextlib.contextmanager
 def user_errors():
@@ -123,12 +167,14 @@ def training_config(opts, cd_given, device):
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=(device.type == 'cuda'), num_workers=opts.workers)
     if opts.workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=2, multiprocessing_context='spawn')
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=([0.9, 0.99] if opts.arch == 'edm2' else [0.9, 0.999]), eps=1e-8)
 
     # Network preset, preconditioning and loss; channels, augmentation, dropout, precision.
     c.network_kwargs = dnnlib.EasyDict(ARCH_PRESETS[opts.arch])
     c.network_kwargs.class_name, loss_class = PRECOND_CLASSES[opts.precond]
     c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
+    if opts.arch == 'edm2':
+        c.loss_kwargs.update(P_mean=opts.P_mean, P_std=opts.P_std)
     c.network_kwargs.update({key: value for key, value in [('model_channels', opts.cbase), ('channel_mult', opts.cres)] if value is not None})
     if opts.augment > 0:
         c.augment_kwargs = dnnlib.EasyDict(AUGMENT_PRESET, class_name='training.augment.AugmentPipe', p=opts.augment)
@@ -140,8 +186,8 @@ def training_config(opts, cd_given, device):
         ema_rampup_ratio = None if opts.transfer is not None else 0.05
     else:
         ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
-    c.update(total_kimg=max(int(opts.duration * 1000), 1), ema_halflife_kimg=opts.ema * 1000, ema_rampup_ratio=ema_rampup_ratio,
-        lr_rampup_kimg=opts.lr_rampup, batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench,
+    c.update(total_kimg=max(int(opts.duration * 1000), 1), ema_halflife_kimg=(opts.ema * 1000 if opts.ema is not None else None),
+        ema_rampup_ratio=ema_rampup_ratio, phema_stds=opts.phema, lr_rampup_kimg=opts.lr_rampup, lr_decay_batches=(opts.decay or None), batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench,
         kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed)
 
     # Consistency distillation: its options only with --consistency=True.
@@ -179,7 +225,8 @@ def training_config(opts, cd_given, device):
 
 def run_description(opts, c, dataset_obj):
     """The part of the run directory's name after its id."""
-    desc = f'{dataset_obj.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{opts.arch}-{opts.precond}-gpus{dist.get_world_size()}'
+    arch = opts.arch if opts.arch == 'edm2' else f'{opts.arch}-{opts.precond}'
+    desc = f'{dataset_obj.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{arch}-gpus{dist.get_world_size()}'
     desc += f'-batch{c.batch_size}-{"fp16" if c.network_kwargs.use_fp16 else "fp32"}'
     desc += f'-cd{opts.S}' if opts.consistency else ''
     return desc + (f'-{opts.desc}' if opts.desc is not None else '')
@@ -227,8 +274,9 @@ def init_wandb(opts, c):
 @click.option('--outdir',           help='Parent folder of the run directories', metavar='DIR',                type=str, required=True)
 @click.option('--data',             help='Dataset zip or folder made by dataset_tool.py', metavar='ZIP|DIR',   type=str, required=True)
 @click.option('--cond',             help='Condition on the class labels', metavar='BOOL',                     type=bool, default=False, show_default=True)
-@click.option('--arch',             help='Network preset',                                                     type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
-@click.option('--precond',          help='Preconditioning and loss',                                           type=click.Choice(['vp', 've', 'edm']), default='edm', show_default=True)
+@click.option('--arch',             help='Network preset',                                                     type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'edm2']), default='ddpmpp', show_default=True)
+@click.option('--precond',          help='Preconditioning and loss of the EDM architectures  [default: edm]',  type=click.Choice(['vp', 've', 'edm']))
+@click.option('--preset',           help='EDM2\'s published configuration (sets --arch=edm2 and its hyperparameters)', type=click.Choice(list(EDM2_PRESETS)))
 
 # Hyperparameters.
 @click.option('--duration',         help='Images to train on, in millions', metavar='MIMG',                    type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
@@ -238,10 +286,14 @@ def init_wandb(opts, c):
 @click.option('--cres',             help='Channel multiplier per resolution  [default: preset]', metavar='LIST', type=parse_int_list)
 @click.option('--lr',               help='Peak learning rate', metavar='FLOAT',                                type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
 @click.option('--lr_rampup',        help='Length of the learning-rate warm-up', metavar='KIMG',                type=click.FloatRange(min=0), default=10000, show_default=True)
-@click.option('--ema',              help='Half-life of the weight average', metavar='MIMG',                    type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--decay',            help='Inverse-square-root decay of the learning rate after this many steps, 0 = none  [default: 0; 70000 with edm2]', metavar='BATCHES', type=click.FloatRange(min=0))
+@click.option('--ema',              help='Half-life of the weight average  [default: 0.5; none with edm2]', metavar='MIMG', type=click.FloatRange(min=0))
+@click.option('--phema',            help='sigma_rel of power-function EMA profiles, or none  [default: none; 0.050,0.100 with edm2]', metavar='LIST', type=parse_phema)
 @click.option('--ema_rampup',       help='Cap on the EMA half-life as a fraction of the images seen, 0 = none  [default: 0.05, 0 with --transfer]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--dropout',          help='Dropout rate', metavar='FLOAT',                                      type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
-@click.option('--augment',          help='Probability of augmenting an image, 0 = off', metavar='FLOAT',       type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--dropout',          help='Dropout rate  [default: 0.13; 0 with edm2]', metavar='FLOAT',        type=click.FloatRange(min=0, max=1))
+@click.option('--augment',          help='Probability of augmenting an image, 0 = off  [default: 0.12; 0 with edm2]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--P_mean', 'P_mean', help='Mean of ln(sigma) in EDM2\'s loss  [default: -0.4]', metavar='FLOAT', type=float)
+@click.option('--P_std', 'P_std',   help='Standard deviation of ln(sigma) in EDM2\'s loss  [default: 1.0]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--xflip',            help='Add mirrored copies of the images', metavar='BOOL',                  type=bool, default=False, show_default=True)
 
 # Speed and devices.
@@ -337,8 +389,9 @@ def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     ctx = click.get_current_context()
     params = {param.name: param for param in ctx.command.params}
-    cd_given = {name: '/'.join(params[name].opts + params[name].secondary_opts) for name in CD_OPTIONS
-        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    given = {name for name in params if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
+    cd_given = {name: '/'.join(params[name].opts + params[name].secondary_opts) for name in CD_OPTIONS if name in given}
+    apply_defaults(opts, given)
     logger = None
     wandb_run = None
     try:

@@ -55,6 +55,13 @@ def power_function_beta(std, t_next, t_delta):
         raise ValueError(f'power_function_beta() needs 0 < t_delta <= t_next, got t_delta={t_delta}, t_next={t_next}.')
     return (1 - t_delta / t_next) ** (std_to_exp(std) + 1)
 
+def check_stds(stds):
+    """Raise ValueError unless `stds` is an increasing list of reconstructable widths sigma_rel."""
+    stds = [float(std) for std in stds]
+    std_to_exp(stds)
+    if len(stds) == 0 or any(b <= a for a, b in zip(stds[:-1], stds[1:])):
+        raise ValueError(f'The power-function EMA widths {stds} are not an increasing list; give each sigma_rel once, in increasing order, e.g. 0.050,0.100.')
+
 class PowerFunctionEMA:
     """Power-function EMAs of the parameters of `net`, one copy of the network per sigma_rel."""
 
@@ -63,7 +70,7 @@ class PowerFunctionEMA:
         net,                        # The network being trained.
         stds    = [0.050, 0.100],   # sigma_rel of the tracked profiles.
     ):
-        std_to_exp(stds)
+        check_stds(stds)
         self.net = net
         self.stds = list(stds)
         self.emas = [copy.deepcopy(net) for _std in self.stds]
@@ -139,5 +146,18 @@ def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std):
     except np.linalg.LinAlgError:
         raise ValueError('The stored EMA profiles are linearly dependent (the same time and width twice?); keep each (in_ofs, in_std) pair once.') from None
     return coefs / coefs.sum(axis=0, keepdims=True)
+
+#
+
+def posthoc_error(in_ofs, in_std, out_ofs, out_std, coefs):
+    """Relative L2 distance between each requested profile and its reconstruction
+    sum_i coefs[i, j] p_i (one value per output), from the inner products of the profiles."""
+    in_ofs, in_std = np.broadcast_arrays(np.float64(in_ofs), np.float64(in_std))
+    out_ofs, out_std = np.broadcast_arrays(np.float64(out_ofs), np.float64(out_std))
+    gram = power_function_correlation(in_ofs.reshape(-1, 1), in_std.reshape(-1, 1), in_ofs.reshape(1, -1), in_std.reshape(1, -1))
+    cross = power_function_correlation(in_ofs.reshape(-1, 1), in_std.reshape(-1, 1), out_ofs.reshape(1, -1), out_std.reshape(1, -1))
+    norm2 = power_function_correlation(out_ofs, out_std, out_ofs, out_std)
+    err2 = norm2 - 2 * (coefs * cross).sum(axis=0) + np.einsum('ij,ik,kj->j', coefs, gram, coefs)
+    return np.sqrt(np.maximum(err2, 0) / norm2)
 
 #----------------------------------------------------------------------------

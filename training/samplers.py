@@ -105,6 +105,11 @@ def check_student_sigmas(sigmas):
         raise ValueError(f'student sigmas {values} are invalid: they must descend strictly.')
     return sigmas
 
+def noise_range(net):
+    """(sigma_min, sigma_max, round_sigma) of a network; EDM2's networks, which have
+    none of them, support every noise level and need no rounding."""
+    return getattr(net, 'sigma_min', 0), getattr(net, 'sigma_max', float('inf')), getattr(net, 'round_sigma', lambda sigma: sigma)
+
 #----------------------------------------------------------------------------
 # Teacher samplers (EDM grid, optional stochastic churn).
 
@@ -114,9 +119,10 @@ def _karras_ode_sampler(net, latents, class_labels, randn_like, num_steps, sigma
     num_steps = int(num_steps)
     if num_steps < 1:
         raise ValueError(f'num_steps={num_steps} is invalid: sample with at least 1 step.')
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-    t_steps = karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, round_sigma=net.round_sigma)
+    net_min, net_max, round_sigma = noise_range(net)
+    sigma_min = max(sigma_min, net_min)
+    sigma_max = min(sigma_max, net_max)
+    t_steps = karras_sigmas(num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, round_sigma=round_sigma)
     t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)]).to(latents.device)
     max_gamma = min(S_churn / num_steps, np.sqrt(2) - 1)
 
@@ -126,7 +132,7 @@ def _karras_ode_sampler(net, latents, class_labels, randn_like, num_steps, sigma
 
         # Churn: raise the noise level from t_cur to t_hat with fresh noise.
         gamma = max_gamma if S_min <= t_cur <= S_max else 0
-        t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur)).to(torch.float64)
+        t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur)).to(torch.float64)
         x_hat = x_cur
         if S_churn > 0: # Noise is drawn at every step, so the random stream matches EDM's.
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)

@@ -24,6 +24,13 @@ Hooks for other losses and for in-training evaluation, all optional:
   to network_kwargs' `use_fp16`, which takes effect on CUDA). A resumed run
   loads it again from the same path. A `resume_pkl` equal to `teacher_pkl`
   starts the network from the teacher itself (same class, names and shapes).
+* `phema_stds` adds EDM2's power-function EMA profiles (training/phema.py):
+  every snapshot tick writes `network-snapshot-<kimg:07d>-<sigma_rel:.3f>.pkl`
+  for each, besides EDM's `network-snapshot-<kimg:06d>.pkl` of the classic EMA
+  (none with `ema_halflife_kimg=None`, EDM2's setting). Validation and the
+  snapshots it keeps use the classic EMA, else the first profile.
+* `lr_decay_batches` switches the learning rate to EDM2's schedule: the same
+  linear ramp-up, then ref_lr / sqrt(steps / lr_decay_batches).
 * `validation_fn` is called every `val_every` ticks on all ranks and returns
   figures for `stats.jsonl` and W&B. Given as a dict, the `check_options`
   function of its module (if any) checks its options in setup().
@@ -55,6 +62,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoint
+from training import phema
+from training import schedules
 
 #----------------------------------------------------------------------------
 # Random number generators.
@@ -88,8 +97,12 @@ def preserved_rng_states(device):
 #----------------------------------------------------------------------------
 # The pieces of one training step.
 
-def learning_rate(base_lr, cur_nimg, lr_rampup_kimg):
-    """The learning rate after `cur_nimg` images: a linear ramp-up over `lr_rampup_kimg`."""
+def learning_rate(base_lr, cur_nimg, lr_rampup_kimg, batch_size=None, decay_batches=None):
+    """The learning rate after `cur_nimg` images: a linear ramp-up over `lr_rampup_kimg`
+    (EDM), then with `decay_batches` EDM2's inverse-square-root decay after that many
+    optimizer steps of `batch_size` images."""
+    if decay_batches is not None:
+        return schedules.learning_rate_edm2(base_lr, cur_nimg, batch_size, ref_batches=decay_batches, rampup_Mimg=lr_rampup_kimg / 1000)
     return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
 
 def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, batch_gpu_total, loss_scaling=1, augment_pipe=None):
@@ -180,7 +193,7 @@ def _check_fits_data(net, dataset_obj, data, where):
             raise ValueError(f'{where} is unconditional, but this run has --cond=True; pass --cond=False.')
         raise ValueError(f'{where} is conditioned on {labels} classes, but {data} has {dataset_obj.label_dim}; pass a dataset with the teacher\'s {labels} classes.')
 
-def _check_resume(state, path, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg):
+def _check_resume(state, path, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg, phema_stds):
     """A training state against the configuration of the run that continues it."""
     what, fix = f'The --resume state "{path}"', 'resume with the options of the run that wrote it'
     checkpoint.check_tensors({k: v.shape for k, v in state['net'].items()}, shapes, what, fix, require_all=True)
@@ -192,6 +205,8 @@ def _check_resume(state, path, shapes, network_kwargs, loss_kwargs, loss_fn, tot
     for key in getattr(loss_fn, 'resume_keys', ()):
         if state['loss_kwargs'].get(key) != loss_kwargs.get(key):
             raise ValueError(f'{what} was written for the student grid {key}={state["loss_kwargs"].get(key)}, but this run has {key}={loss_kwargs.get(key)}; {fix}.')
+    if state.get('phema_stds') != phema_stds:
+        raise ValueError(f'{what} was written with the power-function EMA widths {state.get("phema_stds")}, but this run has {phema_stds}; {fix}.')
     if state['cur_nimg'] >= total_kimg * 1000:
         raise ValueError(f'{what} has already seen {state["cur_nimg"] / 1e6:g} Mimg, which reaches --duration={total_kimg / 1000:g}; pass a longer --duration.')
 
@@ -219,6 +234,7 @@ def setup(
     teacher_pkl         = None,     # Snapshot whose `ema` is the frozen teacher.
     resume_state_dump   = None,     # Training state to continue from, or a run directory (its newest state).
     validation_fn       = None,     # Periodic evaluation (its options are checked).
+    phema_stds          = None,     # sigma_rel of the power-function EMA profiles (checked).
     device              = None,     # torch.device of this rank, None = CUDA when available.
     **_loop_kwargs,                 # The other keyword arguments of training_loop(), not needed here.
 ):
@@ -276,9 +292,11 @@ def setup(
             state = checkpoint.load_training_state(resume_state_dump)
         except ValueError as err:
             raise ValueError(f'--resume: {err}') from err
-        _check_resume(state, resume_state_dump, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg)
+        _check_resume(state, resume_state_dump, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg, phema_stds)
 
     _check_validation(validation_fn, [dataset_obj.num_channels, dataset_obj.resolution, dataset_obj.resolution], device)
+    if phema_stds is not None:
+        phema.check_stds(phema_stds)
     if seed is None:
         seed = int(state['seed']) if state is not None else dist.broadcast_object(int.from_bytes(os.urandom(4), 'little') % (1 << 31))
     return dnnlib.EasyDict(dataset_obj=dataset_obj, loss_fn=loss_fn, teacher=teacher, init_net=init_net, state=state,
@@ -298,9 +316,11 @@ def training_loop(
     batch_size          = 512,      # Images per optimizer step, over all ranks.
     batch_gpu           = None,     # Most images per rank and pass, None = all of the rank's share.
     total_kimg          = 200000,   # Stop after this many thousand images.
-    ema_halflife_kimg   = 500,      # Half-life of the weight average, in thousands of images.
+    ema_halflife_kimg   = 500,      # Half-life of the weight average, in thousands of images; None = no such EMA.
     ema_rampup_ratio    = 0.05,     # Early cap on the half-life as a fraction of the images seen, None = no cap.
+    phema_stds          = None,     # sigma_rel of power-function EMA profiles (EDM2's), None = none.
     lr_rampup_kimg      = 10000,    # Length of the linear learning-rate warm-up.
+    lr_decay_batches    = None,     # EDM2's inverse-square-root decay after this many steps, None = none.
     loss_scaling        = 1,        # Factor on the loss before backpropagation (FP16 range).
     kimg_per_tick       = 50,       # Progress line and statistics every this many thousand images.
     snapshot_ticks      = 50,       # Network snapshot every this many ticks, None = never.
@@ -332,7 +352,7 @@ def training_loop(
     if inputs is None:
         inputs = setup(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, seed=seed, batch_size=batch_size,
             batch_gpu=batch_gpu, total_kimg=total_kimg, resume_pkl=resume_pkl, teacher_pkl=teacher_pkl, resume_state_dump=resume_state_dump,
-            validation_fn=validation_fn, device=device)
+            validation_fn=validation_fn, phema_stds=phema_stds, device=device)
     device, seed, dataset_obj, loss_fn, state = inputs.device, inputs.seed, inputs.dataset_obj, inputs.loss_fn, inputs.state
     batch_gpu, num_accumulation_rounds = inputs.batch_gpu, inputs.num_accumulation_rounds
     batch_gpu_total = batch_gpu * num_accumulation_rounds
@@ -373,7 +393,7 @@ def training_loop(
     if dist.is_distributed():
         device_ids = [device] if device.type == 'cuda' else None
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg is not None else None
 
     # The frozen teacher, in the precision of the network; the weights to start from.
     if inputs.teacher is not None:
@@ -383,13 +403,20 @@ def training_loop(
     if inputs.init_net is not None:
         dist.print0(f'Copying the weights of "{resume_pkl}"...')
         misc.copy_params_and_buffers(src_module=inputs.init_net, dst_module=net, require_all=False)
-        misc.copy_params_and_buffers(src_module=inputs.init_net, dst_module=ema, require_all=False)
+        if ema is not None:
+            misc.copy_params_and_buffers(src_module=inputs.init_net, dst_module=ema, require_all=False)
+    pf_ema = phema.PowerFunctionEMA(net, stds=phema_stds) if phema_stds is not None else None
+    for module in ([] if pf_ema is None else pf_ema.emas):
+        module.eval().requires_grad_(False)
 
     # Continue from a training state; the generators come last, after everything that draws from them.
     if state is not None:
         dist.print0(f'Continuing from the training state "{inputs.resume_state_dump}"...')
         net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
+        if ema is not None:
+            ema.load_state_dict(state['ema'])
+        if pf_ema is not None:
+            pf_ema.load_state_dict(state['phema'])
         optimizer.load_state_dict(state['optimizer_state'])
         if state.get('loss_state') is not None and hasattr(loss_fn, 'load_state_dict'):
             loss_fn.load_state_dict(state['loss_state'])
@@ -400,24 +427,27 @@ def training_loop(
             dist.print0('The seed, the number of ranks or the batch per rank differs from the saved run: it continues, but not bit-identically.')
     del inputs, state
 
-    # Snapshots and training states.
-    def save_snapshot(file_name):
-        extras = snapshot_extras(net=net, ema=ema, loss_fn=loss_fn, cur_nimg=cur_nimg) if callable(snapshot_extras) else snapshot_extras
-        data = checkpoint.snapshot_data(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs, extras=extras)
+    # Snapshots and training states; the network of validation and of `snapshot_extras` is the EMA, else the first profile.
+    eval_net = ema if ema is not None else pf_ema.emas[0] if pf_ema is not None else net
+    def save_snapshot(file_name, snapshot_net=None):
+        snapshot_net = eval_net if snapshot_net is None else snapshot_net
+        extras = snapshot_extras(net=net, ema=snapshot_net, loss_fn=loss_fn, cur_nimg=cur_nimg) if callable(snapshot_extras) else snapshot_extras
+        data = checkpoint.snapshot_data(ema=snapshot_net, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs, extras=extras)
         if rank == 0:
             checkpoint.save_snapshot(os.path.join(run_dir, file_name), data)
 
     def save_state(file_name):
         rng_states = dist.gather_objects(get_rng_states(device))
         if rank == 0:
-            checkpoint.save_training_state(os.path.join(run_dir, file_name), dict(net=net.state_dict(), ema=ema.state_dict(),
-                optimizer_state=optimizer.state_dict(), loss_state=(loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else None),
+            checkpoint.save_training_state(os.path.join(run_dir, file_name), dict(net=net.state_dict(),
+                ema=(ema.state_dict() if ema is not None else None), phema=(pf_ema.state_dict() if pf_ema is not None else None),
+                phema_stds=phema_stds, optimizer_state=optimizer.state_dict(), loss_state=(loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else None),
                 cur_nimg=cur_nimg, cur_tick=cur_tick, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, world_size=world_size,
                 rng_states=rng_states, network_kwargs=dict(network_kwargs), loss_kwargs=dict(loss_kwargs)))
 
     # Validation.
     def validate():
-        kwargs = dict(net=ema, loss_fn=loss_fn, cur_tick=cur_tick, cur_nimg=cur_nimg, run_dir=run_dir, device=device, save_snapshot=save_snapshot)
+        kwargs = dict(net=eval_net, loss_fn=loss_fn, cur_tick=cur_tick, cur_nimg=cur_nimg, run_dir=run_dir, device=device, save_snapshot=save_snapshot)
         with preserved_rng_states(device):
             if callable(validation_fn):
                 figures = validation_fn(**kwargs)
@@ -456,13 +486,16 @@ def training_loop(
             loss_fn.set_progress(cur_nimg)
         optimizer.zero_grad(set_to_none=True)
         accumulate_gradients(ddp, loss_fn, next_batch, num_accumulation_rounds, batch_gpu_total, loss_scaling=loss_scaling, augment_pipe=augment_pipe)
-        lr = learning_rate(base_lr, cur_nimg, lr_rampup_kimg)
+        lr = learning_rate(base_lr, cur_nimg, lr_rampup_kimg, batch_size=batch_size, decay_batches=lr_decay_batches)
         grad_norm = optimizer_step(net, optimizer, lr, loss_scaling=loss_scaling)
         training_stats.report0('Loss/grad_norm', grad_norm)
         training_stats.report0('Progress/lr', lr)
         if hasattr(loss_fn, 'update_target'):
             loss_fn.update_target(net)
-        update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
+        if ema is not None:
+            update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
+        if pf_ema is not None:
+            pf_ema.update(cur_nimg + batch_size, batch_size)
 
         # Count the images; go on unless the tick (or the run) is over.
         cur_nimg += batch_size
@@ -494,7 +527,10 @@ def training_loop(
         # Snapshot, training state, validation.
         kimg_str = f'{cur_nimg // 1000:06d}'
         if (snapshot_ticks is not None) and (done or cur_tick % snapshot_ticks == 0):
-            save_snapshot(f'network-snapshot-{kimg_str}.pkl')
+            if ema is not None:
+                save_snapshot(f'network-snapshot-{kimg_str}.pkl')
+            for profile, suffix in ([] if pf_ema is None else pf_ema.get()):
+                save_snapshot(f'network-snapshot-{cur_nimg // 1000:07d}{suffix}.pkl', profile) # EDM2's names.
         if (state_dump_ticks is not None) and (done or cur_tick % state_dump_ticks == 0) and cur_tick != 0:
             save_state(f'training-state-{kimg_str}.pt')
         if (validation_fn is not None) and (val_every is not None) and (done or (cur_tick != 0 and cur_tick % val_every == 0)):
