@@ -9,6 +9,9 @@ A snapshot is a dict with the network under `ema` (and `loss_fn`,
 `seed`, `batch_size`, `batch_gpu`, `world_size`, `rng_states`,
 `network_kwargs` and `loss_kwargs`; see training_loop.py. Every file is
 written through dnnlib.util.write_atomic.
+
+Training states are read with `torch.load(weights_only=True)`: tensors and
+plain Python values only.
 """
 
 import copy
@@ -17,14 +20,17 @@ import pickle
 import re
 import zipfile
 
+import numpy as np
 import torch
 
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 
-STATE_FORMAT    = 1                                     # Version of the training-state layout.
-STATE_RE        = re.compile(r'training-state-(\d+)\.pt')   # File names of training states.
+STATE_FORMAT        = 2                                         # Version of the training-state layout (1: NumPy generator states as arrays).
+STATE_FORMATS_READ  = (1, 2)                                    # Versions that load_training_state() reads.
+STATE_V1_GLOBALS    = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType] # The only globals a state may name: format 1's NumPy arrays.
+STATE_RE            = re.compile(r'training-state-(\d+)\.pt')   # File names of training states.
 
 #----------------------------------------------------------------------------
 # Network snapshots.
@@ -86,24 +92,50 @@ def find_state(path):
     return path
 
 def load_training_state(path):
-    """Load a training state written by the training loop (tensors on the CPU), reading the file once."""
+    """Load a training state written by the training loop (tensors on the CPU),
+    reading the file once with torch.load(weights_only=True), which runs no
+    code of the file. Generator states come back as get_rng_states() gives them."""
     fix = 'pass a training-state-*.pt written by train.py'
     with open(path, 'rb') as f:
         if not zipfile.is_zipfile(f):
             raise ValueError(f'"{path}" is not a training state (torch.save writes zip archives); {fix}.')
         f.seek(0)
         try:
-            state = torch.load(f, map_location=torch.device('cpu'), weights_only=False)
-        except Exception as err: # A truncated file, a pickle, anything torch.load cannot read.
+            with torch.serialization.safe_globals(STATE_V1_GLOBALS):
+                state = torch.load(f, map_location=torch.device('cpu'), weights_only=True)
+        except Exception as err: # A truncated file, a pickle of other objects, anything torch.load cannot read.
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f'"{path}" cannot be read as a training state ({reason}); {fix}.') from err
-    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get('format') not in STATE_FORMATS_READ:
         raise ValueError(f'"{path}" is not a training state written by this version of train.py; pass a training-state-*.pt from such a run.')
+    if state['format'] >= 2:
+        state['rng_states'] = [dict(states, numpy=_numpy_state_from_plain(states['numpy'])) for states in state['rng_states']]
     return state
 
 def save_training_state(path, state):
-    """torch.save a training state dict to `path`, atomically."""
-    dnnlib.util.write_atomic(path, lambda f: torch.save(dict(state, format=STATE_FORMAT), f))
+    """torch.save a training state dict to `path`, atomically, in plain types
+    that torch.load(weights_only=True) reads: the generator states of NumPy
+    as lists, dictionaries (EasyDicts) as dicts."""
+    state = dict(state, format=STATE_FORMAT, network_kwargs=_plain_dicts(state['network_kwargs']), loss_kwargs=_plain_dicts(state['loss_kwargs']),
+        loss_state=_plain_dicts(state['loss_state']), rng_states=[dict(states, numpy=_numpy_state_to_plain(states['numpy'])) for states in state['rng_states']])
+    dnnlib.util.write_atomic(path, lambda f: torch.save(state, f))
+
+def _numpy_state_to_plain(state):
+    """np.random.get_state()'s tuple as a dict of Python values."""
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return dict(name=str(name), keys=[int(k) for k in keys], pos=int(pos), has_gauss=int(has_gauss), cached_gaussian=float(cached_gaussian))
+
+def _numpy_state_from_plain(state):
+    """The tuple for np.random.set_state() of what _numpy_state_to_plain() gave."""
+    return (state['name'], np.asarray(state['keys'], dtype=np.uint32), state['pos'], state['has_gauss'], state['cached_gaussian'])
+
+def _plain_dicts(value):
+    """`value` with every dict (EasyDicts included) a plain dict, through lists and tuples."""
+    if isinstance(value, dict):
+        return {k: _plain_dicts(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain_dicts(v) for v in value)
+    return value
 
 #----------------------------------------------------------------------------
 # Tensor names and shapes.
