@@ -79,7 +79,7 @@ def save_png(image, path):
 #----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--network', 'network_pkl',  help='Network pickle filename or URL', metavar='PKL|URL',                    type=str, required=True)
+@click.option('--network', 'network_pkl',  help='Network snapshot (.pkl, or code-free .safetensors) or URL', metavar='PKL|URL', type=str, required=True)
 @click.option('--outdir',                  help='Where to save the images (one PNG per seed)', metavar='DIR',          type=str)
 @click.option('--subdirs',                 help='Put images in sub-folders of 1000 seeds', is_flag=True)
 @click.option('--seeds',                   help='Random seeds (e.g. 1,2,5-10)', metavar='LIST',                        type=SeedList(), default='0-63', show_default=True)

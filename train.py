@@ -311,13 +311,13 @@ def init_wandb(opts, c):
 @click.option('--snap',             help='Network snapshot every this many ticks', metavar='TICKS',            type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',             help='Training state every this many ticks', metavar='TICKS',              type=click.IntRange(min=1), default=500, show_default=True)
 @click.option('--seed',             help='Random seed  [default: random, or the resumed run\'s]', metavar='INT', type=int)
-@click.option('--transfer',         help='Initialise the network from a snapshot\'s EMA', metavar='PKL|URL',   type=str)
+@click.option('--transfer',         help='Initialise the network from a snapshot\'s EMA (.pkl or .safetensors)', metavar='PKL|URL', type=str)
 @click.option('--resume',           help='Continue from a training state, or the newest in a run directory', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run',    help='Show the options and stop',                                          is_flag=True)
 
 # Consistency distillation.
 @click.option('--consistency',      help='Distil --teacher into a multistep consistency student', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--teacher',          help='Teacher network snapshot (its EMA)', metavar='PKL|URL',             type=str)
+@click.option('--teacher',          help='Teacher network snapshot, its EMA (.pkl or .safetensors)', metavar='PKL|URL', type=str)
 @click.option('--student_init',     help='Starting weights of the student  [default: teacher; none with --transfer]', type=click.Choice(['teacher', 'random']))
 @click.option('--S', 'S',           help='Student steps (segments)', metavar='INT',                           type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--student_sigmas',   help='Student grid: karras, karras_open or the S-1 interior sigmas', metavar='NAME|LIST', type=str, default='karras', show_default=True)

@@ -1,6 +1,6 @@
 """Dictionaries with attribute access, URL and file opening with a download
-cache, atomic file writes, construction of objects by class name, and
-log-file teeing."""
+cache (https, plain http on opt-in, checksummed entries), atomic file writes,
+construction of objects by class name, and log-file teeing."""
 
 import hashlib
 import importlib
@@ -200,7 +200,7 @@ def make_cache_dir_path(*paths):
     return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
 
 def is_url(obj, allow_file_urls=False):
-    """True for http(s):// URLs, and for file:// URLs when allowed."""
+    """True for http(s):// URLs, and for file:// URLs when allowed (open_url refuses plain http unless opted in)."""
     if not isinstance(obj, str) or '://' not in obj:
         return False
     if allow_file_urls and obj.startswith('file://'):
@@ -217,8 +217,38 @@ def _file_url_to_path(url):
         path = path[1:]
     return path
 
+def http_allowed(allow_http=False):
+    """True when plain http:// downloads are allowed: `allow_http`, or the environment variable DNNLIB_ALLOW_HTTP=1."""
+    return bool(allow_http) or os.environ.get('DNNLIB_ALLOW_HTTP', '') == '1'
+
+def sha256_of_file(path):
+    """The hex SHA-256 digest of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+def _cache_entry_is_valid(path):
+    """True when the cached download `path` has a sidecar `<path>.sha256` that matches its content."""
+    try:
+        with open(path + '.sha256', 'r', encoding='ascii') as f:
+            expected = f.read().strip()
+        return re.fullmatch(r'[0-9a-f]{64}', expected) is not None and sha256_of_file(path) == expected
+    except (OSError, UnicodeDecodeError):
+        return False
+
+def _is_unreachable(err):
+    """True for a requests ConnectionError that failed to resolve the host or to connect to it, not a transfer that broke."""
+    import requests # pylint: disable=import-outside-toplevel
+    import urllib3 # pylint: disable=import-outside-toplevel
+    reason = getattr(err.args[0], 'reason', None) if err.args else None
+    return isinstance(err, requests.exceptions.ConnectTimeout) or isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
+
 def _download(url, num_attempts, verbose):
-    """Fetch a URL into memory, retrying on transient failures."""
+    """Fetch a URL into memory. Server errors (5xx, 429), read timeouts and
+    broken transfers are retried; a failure to connect or to resolve the host
+    (no network) and other client errors (4xx) fail at once."""
     import requests # Imported here so that offline use never needs it.
     last_error = None
     for attempt in range(num_attempts):
@@ -232,20 +262,32 @@ def _download(url, num_attempts, verbose):
                     return data
         except KeyboardInterrupt:
             raise
+        except requests.exceptions.ConnectionError as err:
+            if _is_unreachable(err):
+                raise IOError(f'Could not download "{url}": no network ({err}); download it by other means and pass the local file path instead.') from err
+            last_error = err
+        except requests.exceptions.HTTPError as err:
+            status = err.response.status_code if err.response is not None else 0
+            if status < 500 and status != 429:
+                raise IOError(f'Could not download "{url}" ({err}); download it by other means and pass the local file path instead.') from err
+            last_error = err
         except Exception as err: # pylint: disable=broad-except
             last_error = err
-            if verbose:
-                print(f'Downloading {url} failed (attempt {attempt + 1}/{num_attempts}): {err}', file=sys.stderr, flush=True)
-            if attempt + 1 < num_attempts:
-                time.sleep(min(2 ** attempt, 10))
+        if verbose:
+            print(f'Downloading {url} failed (attempt {attempt + 1}/{num_attempts}): {last_error}', file=sys.stderr, flush=True)
+        if attempt + 1 < num_attempts:
+            time.sleep(min(2 ** attempt, 10))
     raise IOError(f'Could not download "{url}" ({last_error}); download it by other means and pass the local file path instead.')
 
-def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True):
-    """Open a local path, a file:// URL or an http(s) URL as a binary file object.
+def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True, allow_http=False):
+    """Open a local path, a file:// URL or an https:// URL as a binary file
+    object; plain http:// only with `allow_http=True` or DNNLIB_ALLOW_HTTP=1.
 
     Downloads are cached under `cache_dir` (default: $DNNLIB_CACHE_DIR or
-    ~/.cache/dnnlib/downloads) and written to a temporary name first, so an
-    interrupted download never leaves a truncated cache entry. With
+    ~/.cache/dnnlib/downloads), written to a temporary name first, so an
+    interrupted download never leaves a truncated cache entry, and followed
+    by a checksum `<file>.sha256`. A cached file is used only when its
+    checksum matches; otherwise it is downloaded again. With
     `return_filename=True` the local file name is returned instead (this
     needs `cache=True` for URLs).
     """
@@ -265,21 +307,33 @@ def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_
         if not os.path.isfile(path):
             raise ValueError(f'"{url_or_path}" points to "{path}", which does not exist; check the path.')
         return path if return_filename else open(path, 'rb')
-
-    # Cached downloads.
     url = url_or_path
+    if urllib.parse.urlparse(url).scheme == 'http' and not http_allowed(allow_http):
+        raise ValueError(f'"{url}" is plain http, which anyone on the way can alter; use its https:// address, or opt in with DNNLIB_ALLOW_HTTP=1 (allow_http=True).')
+
+    # Cached downloads, trusted only with a matching checksum.
     if cache_dir is None:
         cache_dir = make_cache_dir_path('downloads')
     url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
+    untrusted = None
     if cache:
-        hits = sorted(f for f in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else []) if f.startswith(url_md5 + '_'))
+        names = os.listdir(cache_dir) if os.path.isdir(cache_dir) else []
+        hits = sorted(f for f in names if f.startswith(url_md5 + '_') and not f.endswith('.sha256') and '.tmp-' not in f)
         if len(hits) == 1:
             path = os.path.join(cache_dir, hits[0])
-            return path if return_filename else open(path, 'rb')
+            if _cache_entry_is_valid(path):
+                return path if return_filename else open(path, 'rb')
+            untrusted = path
 
     if verbose:
         print(f'Downloading {url} ...', end='', file=sys.stderr, flush=True)
-    data = _download(url, num_attempts=num_attempts, verbose=verbose)
+    try:
+        data = _download(url, num_attempts=num_attempts, verbose=verbose)
+    except IOError as err:
+        if untrusted is not None:
+            raise ValueError(f'The cached "{untrusted}" of "{url}" has no matching checksum ({untrusted}.sha256), so it is not used, and downloading it again failed '
+                f'({str(err).rstrip(".")}); delete it and download the file when online, or pass a local copy.') from err
+        raise
     if verbose:
         print(' done', file=sys.stderr, flush=True)
 
@@ -288,6 +342,8 @@ def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_
         path = os.path.join(cache_dir, url_md5 + '_' + safe_name)
         os.makedirs(cache_dir, exist_ok=True)
         write_atomic(path, lambda f: f.write(data))
+        digest = hashlib.sha256(data).hexdigest()
+        write_atomic(path + '.sha256', lambda f: f.write(digest.encode('ascii') + b'\n'))
         if return_filename:
             return path
     return io.BytesIO(data)

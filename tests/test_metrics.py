@@ -151,6 +151,7 @@ def test_network_detector_repeats_grayscale_and_checks_io():
 
 def test_default_detector_download_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, 'INCEPTION_URL', 'http://127.0.0.1:9/x.pkl')
+    monkeypatch.setenv('DNNLIB_ALLOW_HTTP', '1')
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     with pytest.raises(ValueError) as info:
         metrics.load_detector(num_attempts=1, verbose=False)
@@ -160,10 +161,13 @@ def test_default_detector_download_failure(tmp_path, monkeypatch):
 def test_default_detector_comes_from_the_download_cache(tmp_path, monkeypatch):
     url = 'http://127.0.0.1:9/inception-copy.pkl'
     monkeypatch.setattr(metrics, 'INCEPTION_URL', url)
+    monkeypatch.setenv('DNNLIB_ALLOW_HTTP', '1')
     cache = tmp_path / 'downloads'
     cache.mkdir()
-    with open(cache / (hashlib.md5(url.encode()).hexdigest() + '_inception-copy.pkl'), 'wb') as f:
+    path = cache / (hashlib.md5(url.encode()).hexdigest() + '_inception-copy.pkl')
+    with open(path, 'wb') as f:
         pickle.dump(_fid_detector.ProjectionDetector(in_dim=3 * 4 * 4, out_dim=8), f)
+    (cache / (path.name + '.sha256')).write_text(dnnlib.util.sha256_of_file(str(path)) + '\n') # As a download leaves it.
     detector = metrics.load_detector('inception', cache_dir=str(cache), num_attempts=1)
     assert detector.name == 'inception' and detector.label == 'FID'
     assert metrics.load_detector(url, cache_dir=str(cache)) is detector

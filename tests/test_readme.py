@@ -14,7 +14,7 @@ import pytest
 import update_readme
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ('train.py', 'generate.py', 'fid.py', 'dataset_tool.py', 'reconstruct_phema.py', 'demo.py', 'update_readme.py')
+SCRIPTS = ('train.py', 'generate.py', 'fid.py', 'dataset_tool.py', 'reconstruct_phema.py', 'demo.py', 'convert_snapshot.py', 'update_readme.py')
 
 def readme_text():
     with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
@@ -44,7 +44,7 @@ def script_invocation(command):
 def test_option_tables_equal_the_scripts_options():
     text = readme_text()
     specs = [m.group('spec') for m in update_readme.BLOCK_RE.finditer(text)]
-    assert specs == ['train.py', 'generate.py', 'fid.py calc', 'fid.py ref', 'dataset_tool.py', 'reconstruct_phema.py', 'demo.py']
+    assert specs == ['train.py', 'generate.py', 'fid.py calc', 'fid.py ref', 'dataset_tool.py', 'reconstruct_phema.py', 'demo.py', 'convert_snapshot.py']
     assert update_readme.render(text) == text, 'README.md option tables are out of date; run "python update_readme.py".'
     # Every option of every script appears in its table, but the hidden old spellings of renamed options.
     for spec in specs:
@@ -77,7 +77,7 @@ def test_every_readme_command_parses():
         with open(os.path.join(ROOT, 'Makefile')) as f:
             assert re.search(rf'^{target}:', f.read(), re.MULTILINE)
 
-@pytest.mark.parametrize('script', ['train.py', 'generate.py', 'fid.py', 'dataset_tool.py', 'reconstruct_phema.py', 'demo.py'])
+@pytest.mark.parametrize('script', ['train.py', 'generate.py', 'fid.py', 'dataset_tool.py', 'reconstruct_phema.py', 'demo.py', 'convert_snapshot.py'])
 def test_scripts_answer_help(script):
     proc = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and 'Usage:' in proc.stdout, proc.stderr

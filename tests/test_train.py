@@ -58,7 +58,7 @@ def imported_modules(importtime_stderr):
 def test_run_directory_is_complete(runs):
     run_dir = runs['a']
     assert os.path.basename(run_dir) == f'00000-{RUN_NAME}'
-    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'network-snapshot-000002.pkl',
+    assert sorted(os.listdir(run_dir)) == ['log.txt', *[f'network-snapshot-00000{k}.{ext}' for k in range(3) for ext in ('pkl', 'safetensors')],
         'stats.jsonl', 'training-state-000001.pt', 'training-state-000002.pt', 'training_options.json']
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)

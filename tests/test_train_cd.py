@@ -64,7 +64,7 @@ def tensors_equal(a, b):
 def test_distillation_writes_a_student_snapshot(runs, teacher):
     run_dir = runs['a']
     assert os.path.basename(run_dir) == f'00000-{RUN_NAME}'
-    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'network-snapshot-000002.pkl',
+    assert sorted(os.listdir(run_dir)) == ['log.txt', *[f'network-snapshot-00000{k}.{ext}' for k in range(3) for ext in ('pkl', 'safetensors')],
         'stats.jsonl', 'training-state-000001.pt', 'training-state-000002.pt', 'training_options.json']
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)
@@ -82,6 +82,9 @@ def test_distillation_writes_a_student_snapshot(runs, teacher):
     assert last['consistency']['S'] == 4 and last['consistency']['student_sigmas'] == pytest.approx(expected, rel=1e-12)
     assert last['consistency']['student_sigmas'][-1] == 0 and len(last['consistency']['student_sigmas']) == 5
     assert type(last['ema']).__name__ == 'EDMPrecond' and last['loss_fn'].teacher is None and last['loss_fn'].target is None # Neither is pickled.
+    code_free = checkpoint.load_snapshot(os.path.join(run_dir, 'network-snapshot-000002.safetensors')) # The same student, without unpickling.
+    assert tensors_equal(code_free['ema'].state_dict(), last['ema'].state_dict()) and code_free['consistency'] == last['consistency']
+    assert type(code_free['loss_fn']).__name__ == 'ConsistencyDistillLoss' and code_free['loss_fn'].S == 4
 
     # The first step has learning rate 0 (--lr_rampup): the student's EMA is still the teacher, bit for bit. Then it trains.
     assert tensors_equal(first['ema'].state_dict(), teacher_net.state_dict())

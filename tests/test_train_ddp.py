@@ -23,7 +23,8 @@ def test_torchrun_trains_on_two_cpu_ranks(tmp_path, digits8):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir, = run_dirs(str(outdir))
     assert os.path.basename(run_dir) == '00000-digits8-uncond-ddpmpp-edm-gpus2-batch64-fp32'
-    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000001.pkl', 'stats.jsonl', 'training-state-000001.pt', 'training_options.json']
+    assert sorted(os.listdir(run_dir)) == ['log.txt', 'network-snapshot-000000.pkl', 'network-snapshot-000000.safetensors', 'network-snapshot-000001.pkl',
+        'network-snapshot-000001.safetensors', 'stats.jsonl', 'training-state-000001.pt', 'training_options.json']
 
     # Statistics are summed over both ranks: each rank sees 32 of the 64 images of a step.
     stats = read_stats(run_dir)

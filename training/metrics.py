@@ -138,6 +138,8 @@ def _load_network(name, cache_dir, num_attempts, verbose):
         what = 'The Inception-v3 detector' if name == INCEPTION_NAME else f'Detector "{name}"'
         raise ValueError(f'{what} could not be downloaded from {url}; {offline}.') from err
     except ValueError as err:
+        if dnnlib.util.is_url(url, allow_file_urls=True):
+            raise # A refused plain-http URL or a cached download that fails its checksum: the sentence says what to do.
         raise ValueError(f'Detector "{name}" is neither an existing file nor an http(s):// URL; pass the path of a pickled network, "{INCEPTION_NAME}" or "{PIXELS_NAME}".') from err
     try:
         with f:

@@ -338,8 +338,8 @@ def training_loop(
     inputs              = None,     # What setup() returned for these arguments, None = call it here.
 ):
     """Train `network_kwargs` with `loss_kwargs` on `dataset_kwargs`; write
-    `stats.jsonl`, `network-snapshot-<kimg>.pkl` and `training-state-<kimg>.pt`
-    into `run_dir`.
+    `stats.jsonl`, `network-snapshot-<kimg>.pkl` (with its code-free
+    `.safetensors` twin) and `training-state-<kimg>.pt` into `run_dir`.
 
     `validation_fn` is called on all ranks, under preserved random number
     generator states, with the keyword arguments net (the EMA, in eval mode),
