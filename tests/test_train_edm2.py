@@ -85,7 +85,7 @@ def reconstruct(*args):
 def test_reconstruction_is_the_weighted_sum_and_matches_the_tracked_profile(runs, tmp_path):
     result = reconstruct(f'--indir={runs["a"]}', f'--outdir={tmp_path}', '--outstd=0.05,0.07')
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert sorted(os.listdir(tmp_path)) == ['phema-0000002-0.050.pkl', 'phema-0000002-0.070.pkl']
+    assert sorted(os.listdir(tmp_path)) == [f'phema-0000002-{std}.{ext}' for std in ('0.050', '0.070') for ext in ('pkl', 'safetensors')]
 
     # The weights are the least-squares combination of the stored ones (kimg 1 and 2, both widths).
     inputs = [(kimg, std, load(os.path.join(runs['a'], f'network-snapshot-{kimg:07d}-{std:.3f}.pkl'))['ema'].state_dict())
