@@ -58,13 +58,13 @@ def make_mixture(name):
     gen = torch.Generator().manual_seed(2024)
     if name == 'gmm8':
         K, C, R, rank = 4, 1, 8, 4
-        means = 0.6 * torch.sign(torch.randn([K, C * R * R], dtype=torch.float64, generator=gen))
-        factors = 0.15 * _smooth(gen, K * rank, C, R, 3).reshape(K, rank, -1).transpose(1, 2)
+        means = 0.6 * _smooth(gen, K, C, R, 2)
+        factors = 0.1 * _smooth(gen, K * rank, C, R, 4).reshape(K, rank, -1).transpose(1, 2)
         return GaussianMixture(means, torch.ones(K), factors, 0.05, img_channels=C, img_resolution=R)
     if name == 'gmm16':
         K, C, R, rank = 8, 3, 16, 4
-        means = 0.5 * _smooth(gen, K, C, R, 4).clamp(-1.6, 1.6)
-        factors = 0.12 * _smooth(gen, K * rank, C, R, 5).reshape(K, rank, -1).transpose(1, 2)
+        means = 0.5 * _smooth(gen, K, C, R, 2)
+        factors = 0.1 * _smooth(gen, K * rank, C, R, 4).reshape(K, rank, -1).transpose(1, 2)
         weights = torch.arange(1, K + 1, dtype=torch.float64)
         return GaussianMixture(means, weights, factors, torch.linspace(0.03, 0.08, K), img_channels=C, img_resolution=R)
     raise click.ClickException(f'--mixture={name} is unknown; use gmm8, gmm16 or both.')
@@ -88,6 +88,8 @@ CONFIGS = {
     'l2root':       dict(loss='l2_root'),
     'huber_c10':    dict(huber_c='10x'),
     'snr1':         dict(weight_mode='snr+1'),
+    'w_uniform':    dict(weight_mode='uniform'),
+    'l2_uniform':   dict(loss='l2', weight_mode='uniform'),
     'edm_edges':    dict(sampling_mode='edm'),
     'uniform_edges': dict(sampling_mode='uniform'),
     'term_prob':    dict(terminal_prob=0.1),
