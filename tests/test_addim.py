@@ -20,7 +20,7 @@ def gauss_D(x, sigma):
     return MU + STD ** 2 / (STD ** 2 + sigma ** 2) * (x - MU)
 
 def gauss_flow(x, sigma_a, sigma_b):
-    return MU + (x - MU) * np.sqrt((STD ** 2 + sigma_b ** 2) / (STD ** 2 + sigma_a ** 2))
+    return MU + (x - MU) * ((STD ** 2 + sigma_b ** 2) / (STD ** 2 + sigma_a ** 2)) ** 0.5
 
 def typical(n, dim, sigma, seed):
     """Noisy Gaussian samples at sigma whose per-sample mean square deviation from MU is exactly STD^2 + sigma^2."""
