@@ -50,6 +50,10 @@ Decisions where the spec is silent:
   appended. Gradient norm and learning rate belong to the training loop.
 * Augmentation: the augmented image is the draw's data point, and every
   network (teacher, target, student) sees the same augmentation labels.
+* aDDIM bridge (`addim_scale` > 0): the general case's step from the target
+  prediction at sigma_s to the boundary is the adjusted DDIM step of Heek et
+  al. (2024) with the analytic variance addim_variance(sigma_s, addim_scale,
+  addim_prior); a bridge to sigma = 0 stays x_hat_s, as the sampler's last step.
 * Device: the teacher is moved to the device of the images at the first
   call, so a training loop need not know about it.
 """
@@ -63,6 +67,7 @@ import dnnlib
 from torch_utils import persistence
 from torch_utils import training_stats
 from training import consistency_ops as ops
+from training.samplers import addim_step, addim_variance
 
 #----------------------------------------------------------------------------
 
@@ -164,6 +169,8 @@ class ConsistencyDistillLoss:
         huber_c                 = None,             # c of pseudo_huber / delta of huber; None = 0.00054 scaled (see module doc).
         weight_mode             = 'sqrt_karras',    # lambda(sigma): 'edm', 'sqrt_karras', 'snr', 'snr+1', 'karras', 'truncated-snr', 'uniform'.
         precision               = 'float32',        # Arithmetic of hops, DDIM, inverse DDIM and loss: 'float32' or 'float64'.
+        addim_scale             = 0,                # aDDIM bridge of the general case with this variance scale; 0 = DDIM.
+        addim_prior             = 0.5,              # Prior variance of the aDDIM posterior variance.
     ):
         if int(S) != S or S < 1:
             raise ValueError(f'S={S} is invalid: the student needs a whole number of steps, at least 1.')
@@ -191,6 +198,8 @@ class ConsistencyDistillLoss:
             raise ValueError(f'weight_mode="{weight_mode}" is unknown; use one of {", ".join(WEIGHT_MODES)}.')
         if precision not in PRECISIONS:
             raise ValueError(f'precision="{precision}" is unknown; use "float32" or "float64".')
+        if not addim_scale >= 0 or not addim_prior > 0:
+            raise ValueError(f'addim_scale={addim_scale}, addim_prior={addim_prior} are invalid: the scale must be 0 (DDIM bridge) or positive and the prior variance positive.')
 
         self.S = int(S)
         self.T_start = int(T_start)
@@ -213,6 +222,8 @@ class ConsistencyDistillLoss:
         self.huber_c = huber_c
         self.weight_mode = weight_mode
         self.precision = precision
+        self.addim_scale = float(addim_scale)
+        self.addim_prior = float(addim_prior)
         self.cur_nimg = 0
         self._init_runtime()
         self.set_teacher(None)
@@ -411,7 +422,12 @@ class ConsistencyDistillLoss:
                 _set_rng_state(device, rng_state)
             else:
                 target_out = ops.make_denoiser(target_net, labels, augment_labels)(x_s, sigma_s[general], general).to(dtype)
-            x_ref[general] = ops.ddim_step(target_out, x_s, sigma_s[general], sigma_ref[general], dtype=dtype)
+            if self.addim_scale > 0:
+                s_g, r_g = sigma_s[general], sigma_ref[general]
+                x_var = addim_variance(s_g, self.addim_scale, self.addim_prior) * (r_g > 0)
+                x_ref[general] = addim_step(target_out, x_s, s_g, r_g, x_var, dtype=dtype)
+            else:
+                x_ref[general] = ops.ddim_step(target_out, x_s, sigma_s[general], sigma_ref[general], dtype=dtype)
 
         target, gain = ops.inverse_ddim(x_ref, x_t, sigma_t, sigma_ref, dtype=dtype)
         return dnnlib.EasyDict(y=y, x_t=x_t, k=k, seg=seg, case=case, sigma_t=sigma_t, sigma_s=sigma_s,

@@ -7,7 +7,10 @@
   num_steps evaluations. At equal NFE it is the teacher's own few-step
   baseline (Euler with 2 * n - 1 steps against Heun with n).
 * `student_sampler`: the S-step sampler of a multistep consistency student
-  over its grid of S + 1 noise levels (cd-spec section 8); S evaluations.
+  over its grid of S + 1 noise levels (cd-spec section 8); S evaluations,
+  with DDIM steps, aDDIM steps or re-noising between them.
+* `addim_step`, `addim_variance`: the adjusted DDIM step of Heek et al.
+  (2024) in EDM space, shared with the distillation loss.
 
 The noise-level grids are defined here once: `karras_sigmas` (the teacher
 grid, also used by the distillation) and `student_sigmas` (the student
@@ -188,6 +191,36 @@ def euler_sampler(
         rho, S_churn, S_min, S_max, S_noise, second_order=False)
 
 #----------------------------------------------------------------------------
+# Adjusted DDIM (Heek, Hoogeboom & Salimans 2024, section 3.2; technical report section 9.1).
+
+def addim_variance(sigma, scale=0.1, prior=0.5):
+    """The analytic per-element posterior variance of aDDIM at noise level `sigma`:
+    scale * prior sigma^2 / (prior + sigma^2), i.e. `scale` times the posterior
+    variance of data with a factorised Gaussian prior of variance `prior`
+    (a tensor keeps its dtype, a number becomes float64)."""
+    sigma = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
+    return scale * prior * sigma ** 2 / (prior + sigma ** 2)
+
+def addim_step(x_hat, x_a, sigma_a, sigma_b, x_var, dtype=torch.float64):
+    """aDDIM step sigma_a -> sigma_b for the x-prediction x_hat [N, ...]:
+    x_b = x_hat + sqrt(sigma_b^2 + (1 - sigma_b / sigma_a)^2 x_var / mean(n^2)) n
+    with n = (x_a - x_hat) / sigma_a (per-sample mean over the elements) and
+    `x_var` the per-element posterior variance of the data given x_a (scalar
+    or [N]). With x_var = 0 it is the DDIM step x_hat + sigma_b n. Requires sigma_a > 0."""
+    x_hat = x_hat.to(dtype)
+    x_a = x_a.to(dtype)
+    shape = [-1] + [1] * (x_a.ndim - 1)
+    sa = torch.as_tensor(sigma_a, dtype=dtype, device=x_a.device)
+    sb = torch.as_tensor(sigma_b, dtype=dtype, device=x_a.device)
+    sa, sb = (s.reshape(shape) if s.ndim > 0 else s for s in (sa, sb))
+    var = torch.as_tensor(x_var, dtype=dtype, device=x_a.device)
+    var = var.reshape(shape) if var.ndim > 0 else var
+    n = (x_a - x_hat) / sa
+    n_sq = n.square().flatten(1).mean(dim=1).reshape(shape).clamp(min=torch.finfo(dtype).tiny)
+    coef = (sb.square() + (1 - sb / sa).square() * var / n_sq).sqrt()
+    return x_hat + coef * n
+
+#----------------------------------------------------------------------------
 # Student sampler.
 
 def student_sampler(
@@ -195,16 +228,22 @@ def student_sampler(
     sigmas      = None,             # Student grid: S + 1 descending noise levels ending in 0.
     randn_like  = torch.randn_like, # Noise of the stochastic variant.
     stochastic  = False,            # Re-noise the prediction to the next level instead of the DDIM step?
+    addim_scale = 0,                # aDDIM steps with addim_variance(sigma, addim_scale, addim_prior); 0 = DDIM.
+    addim_prior = 0.5,              # Prior variance of that posterior variance.
 ):
     """Sample a multistep consistency student in S = len(sigmas) - 1 network evaluations.
 
     x = latents * sigmas[0]; for j = 0 .. S - 1: x_hat = net(x, sigmas[j]) and
-    x = x_hat + sigmas[j+1] / sigmas[j] * (x - x_hat) (deterministic), or
-    x = x_hat + sigmas[j+1] * noise (stochastic); the last step returns x_hat.
-    Returns float64 images.
+    x = x_hat + sigmas[j+1] / sigmas[j] * (x - x_hat) (deterministic; the
+    aDDIM step with addim_scale > 0), or x = x_hat + sigmas[j+1] * noise
+    (stochastic); the last step returns x_hat. Returns float64 images.
     """
     if sigmas is None:
         raise ValueError('student_sampler needs the student grid; pass sigmas (e.g. the snapshot\'s consistency["student_sigmas"]).')
+    if not addim_scale >= 0 or not addim_prior > 0:
+        raise ValueError(f'addim_scale={addim_scale}, addim_prior={addim_prior} are invalid: the scale must be 0 (DDIM) or positive and the prior variance positive.')
+    if stochastic and addim_scale > 0:
+        raise ValueError(f'stochastic=True and addim_scale={addim_scale} both choose the step between levels; pass only one of them.')
     sigmas = check_student_sigmas(sigmas).to(latents.device)
     x = latents.to(torch.float64) * sigmas[0]
     for sigma_cur, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -213,6 +252,8 @@ def student_sampler(
             x = x_hat
         elif stochastic:
             x = x_hat + sigma_next * randn_like(x_hat)
+        elif addim_scale > 0:
+            x = addim_step(x_hat, x, sigma_cur, sigma_next, addim_variance(sigma_cur, addim_scale, addim_prior))
         else:
             x = x_hat + (sigma_next / sigma_cur) * (x - x_hat)
     return x
