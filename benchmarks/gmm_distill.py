@@ -41,7 +41,7 @@ from training import samplers                            # pylint: disable=wrong
 from training.gmm import GaussianMixture                 # pylint: disable=wrong-import-position
 from training.loss_cd import ConsistencyDistillLoss      # pylint: disable=wrong-import-position
 from training.networks import EDMPrecond                 # pylint: disable=wrong-import-position
-from training.training_loop import accumulate_gradients, learning_rate, optimizer_step, update_ema # pylint: disable=wrong-import-position
+from training.steps import accumulate_gradients, learning_rate, optimizer_step, update_ema # pylint: disable=wrong-import-position
 
 #----------------------------------------------------------------------------
 # Mixtures.
@@ -167,7 +167,7 @@ def train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup_kim
     torch.manual_seed(seed)
     net = make_student(mixture, cbase).train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = ConsistencyDistillLoss(teacher_net=mixture, S=S, **loss_kwargs)
+    loss_fn = ConsistencyDistillLoss(S=S, **loss_kwargs).set_teacher(mixture)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=[0.9, 0.999], eps=1e-8)
     data_gen = torch.Generator().manual_seed(1000 + seed)
     def next_batch():

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import networks, training_loop
+from training import networks, steps
 
 class FixedLoss:
     """EDM-weighted denoising error with fixed noise levels and a deterministic
@@ -48,12 +48,12 @@ loss_fn = FixedLoss()
 
 # Gradients: DDP over the ranks, without synchronisation (a control), and one process.
 ddp = torch.nn.parallel.DistributedDataParallel(net, forward_sync_buffers=False)
-training_loop.accumulate_gradients(ddp, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_gpu_total=batch_gpu_total)
+steps.accumulate_gradients(ddp, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_gpu_total=batch_gpu_total)
 grad_ddp = flat(p.grad for p in net.parameters())
 local = copy.deepcopy(single)
-training_loop.accumulate_gradients(local, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_gpu_total=batch_gpu_total)
+steps.accumulate_gradients(local, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_gpu_total=batch_gpu_total)
 grad_local = flat(p.grad for p in local.parameters())
-training_loop.accumulate_gradients(single, loss_fn, batches(images, batch_size), num_rounds=1, batch_gpu_total=batch_size)
+steps.accumulate_gradients(single, loss_fn, batches(images, batch_size), num_rounds=1, batch_gpu_total=batch_size)
 grad_single = flat(p.grad for p in single.parameters())
 scale = grad_single.abs().max()
 gathered = [torch.zeros_like(grad_ddp) for _ in range(world)]
@@ -62,8 +62,8 @@ torch.distributed.all_gather(gathered, grad_ddp)
 # One optimizer step on each.
 opt_ddp = torch.optim.Adam(net.parameters(), lr=1e-3)
 opt_single = torch.optim.Adam(single.parameters(), lr=1e-3)
-norm_ddp = training_loop.optimizer_step(net, opt_ddp, lr=1e-3)
-norm_single = training_loop.optimizer_step(single, opt_single, lr=1e-3)
+norm_ddp = steps.optimizer_step(net, opt_ddp, lr=1e-3)
+norm_single = steps.optimizer_step(single, opt_single, lr=1e-3)
 params_ddp = flat(net.parameters())
 params_all = [torch.zeros_like(params_ddp) for _ in range(world)]
 torch.distributed.all_gather(params_all, params_ddp)

@@ -143,8 +143,8 @@ def test_loss_addim_bridge(layout):
     images = MU + STD * torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(5))
     draws = dict()
     for scale in [0, 0.1]:
-        loss_fn = ConsistencyDistillLoss(teacher_net=teacher, S=4, T_start=32, T_end=32, target_mode='teacher',
-            student_sigmas=layout, precision='float64', addim_scale=scale)
+        loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='teacher',
+            student_sigmas=layout, precision='float64', addim_scale=scale).set_teacher(teacher)
         torch.manual_seed(6)
         draws[scale] = loss_fn.draw(_gauss_teacher(), images)
     ddim, addim = draws[0], draws[0.1]

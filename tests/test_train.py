@@ -21,6 +21,7 @@ from click.testing import CliRunner
 import train
 from _train_helpers import ROOT, SMALL_RUN, VALIDATION_CALLS, HookLoss, RecordingRun, finish, read_stats, read_wandb_history, run_dirs, start_train, subprocess_env
 from training import checkpoint
+from training import steps
 from training import training_loop
 
 RUN_NAME = 'digits8-uncond-ddpmpp-edm-gpus1-batch64-fp32'
@@ -289,28 +290,28 @@ def test_transfer_and_nosubdir_options(tmp_path, runs, digits8):
 # The loop's pieces, against closed forms.
 
 def test_learning_rate_ramp_up():
-    assert training_loop.learning_rate(1e-3, 0, 10) == 0
-    assert training_loop.learning_rate(1e-3, 2500, 10) == pytest.approx(2.5e-4)
-    assert training_loop.learning_rate(1e-3, 20000, 10) == 1e-3
-    assert training_loop.learning_rate(1e-3, 64, 0) == 1e-3
+    assert steps.learning_rate(1e-3, 0, 10) == 0
+    assert steps.learning_rate(1e-3, 2500, 10) == pytest.approx(2.5e-4)
+    assert steps.learning_rate(1e-3, 20000, 10) == 1e-3
+    assert steps.learning_rate(1e-3, 64, 0) == 1e-3
 
 def test_ema_half_life_and_ramp_up():
     net, ema = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
     torch.nn.init.ones_(net.weight)
     torch.nn.init.zeros_(ema.weight)
     for step in range(5): # Half-life 50 images = 5 steps of 10: the old value keeps half its weight.
-        training_loop.update_ema(ema, net, cur_nimg=10**9, batch_size=10, ema_halflife_kimg=0.05, ema_rampup_ratio=0.05)
+        steps.update_ema(ema, net, cur_nimg=10**9, batch_size=10, ema_halflife_kimg=0.05, ema_rampup_ratio=0.05)
     assert float(ema.weight.detach()) == pytest.approx(0.5, rel=1e-6)
-    beta = training_loop.update_ema(ema, net, cur_nimg=100, batch_size=10, ema_halflife_kimg=0.05, ema_rampup_ratio=0.05)
+    beta = steps.update_ema(ema, net, cur_nimg=100, batch_size=10, ema_halflife_kimg=0.05, ema_rampup_ratio=0.05)
     assert beta == pytest.approx(0.25) # Ramp-up: half-life min(50, 100 * 0.05) = 5 images.
     assert float(ema.weight.detach()) == pytest.approx(0.5 * 0.25 + 0.75, rel=1e-6)
-    assert training_loop.update_ema(ema, net, cur_nimg=0, batch_size=10, ema_halflife_kimg=0.05, ema_rampup_ratio=None) == pytest.approx(0.5 ** 0.2)
+    assert steps.update_ema(ema, net, cur_nimg=0, batch_size=10, ema_halflife_kimg=0.05, ema_rampup_ratio=None) == pytest.approx(0.5 ** 0.2)
 
 def test_optimizer_step_replaces_non_finite_gradients():
     net = torch.nn.Linear(4, 1, bias=False)
     torch.nn.init.zeros_(net.weight)
     net.weight.grad = torch.tensor([[float('nan'), float('inf'), -float('inf'), 2.0]]) * 4
-    norm = training_loop.optimizer_step(net, torch.optim.SGD(net.parameters(), lr=0.5), lr=1.0, loss_scaling=4)
+    norm = steps.optimizer_step(net, torch.optim.SGD(net.parameters(), lr=0.5), lr=1.0, loss_scaling=4)
     assert net.weight.detach().tolist() == [[0, -1e5, 1e5, -8]]
     assert float(norm) == pytest.approx(np.sqrt(2e10 + 64) / 4)
 

@@ -17,6 +17,7 @@ import reconstruct_phema
 import train
 from _train_helpers import SMALL_RUN, finish, run_dirs, start_train
 from training import phema
+from training import steps
 
 EDM2_RUN = [*SMALL_RUN, '--arch=edm2', '--cbase=16', '--cres=1,2', '--batch=40'] # 25 steps per kimg: snapshot times are whole kimg.
 RUN_NAME = 'digits8-uncond-edm2-gpus1-batch40-fp32'
@@ -180,7 +181,6 @@ def test_edm2_bad_options(tmp_path, digits8):
     assert not os.path.exists(tmp_path / 'out')
 
 def test_edm2_learning_rate_schedule():
-    from training import training_loop # pylint: disable=import-outside-toplevel
-    lr = lambda nimg: training_loop.learning_rate(0.01, nimg, lr_rampup_kimg=10, batch_size=10, decay_batches=2000)
+    lr = lambda nimg: steps.learning_rate(0.01, nimg, lr_rampup_kimg=10, batch_size=10, decay_batches=2000)
     assert lr(5000) == pytest.approx(0.005) and lr(20000) == pytest.approx(0.01) # Linear ramp-up over 10 kimg, constant to 2000 steps ...
     assert lr(90000) == pytest.approx(0.01 / np.sqrt(4.5)) # ... then ref_lr / sqrt(steps / 2000).
