@@ -397,6 +397,8 @@ def main(**kwargs):
     try:
         with user_errors():
             device = dist.init(None if opts.device_type == 'auto' else opts.device_type)
+            if device.type == 'cpu':
+                dist.set_cpu_threads(workers=opts.workers)
             c = training_config(opts, cd_given, device)
             if opts.wandb:
                 dist.on_rank0(import_wandb)

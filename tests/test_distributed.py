@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from torch_utils import distributed as dist
 
@@ -33,3 +34,18 @@ def test_two_gloo_ranks_reduce_statistics(tmp_path):
         assert res['only0'] == [1, 7.0]
     assert results[1]['consistent'] == 'Linear.weight differ(s) between rank 0 and rank 1.'
     assert results[0]['consistent'] is True
+
+def test_cpu_threads_leave_room_for_workers_ranks_and_load(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda _pid: set(range(8)))
+    try:
+        for ranks, workers, load, expected in [(1, 0, 0.0, 8), (1, 1, 0.0, 4), (2, 1, 0.0, 2), (1, 0, 6.5, 1), (1, 0, 3.2, 4), (4, 3, 0.0, 1)]:
+            monkeypatch.setenv('LOCAL_WORLD_SIZE', str(ranks))
+            monkeypatch.setattr(os, 'getloadavg', lambda load=load: (load, load, load))
+            assert dist.set_cpu_threads(workers=workers) == expected == torch.get_num_threads(), (ranks, workers, load)
+        monkeypatch.setenv('OMP_NUM_THREADS', '3') # The user's choice stands.
+        torch.set_num_threads(3)
+        assert dist.set_cpu_threads(workers=0) == 3
+    finally:
+        torch.set_num_threads(threads)

@@ -48,6 +48,19 @@ def init(device_type=None):
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
     return device
 
+def set_cpu_threads(workers=0):
+    """Choose the compute threads of a CPU rank so that the ranks of this machine,
+    their data-loader workers and the work already running on it (the load
+    average) do not oversubscribe its cores: OpenMP threads that wait for a
+    busy core slow a step down many times over. OMP_NUM_THREADS, when set,
+    decides instead. Returns the number of threads."""
+    if 'OMP_NUM_THREADS' not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        ranks = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        idle = cores - os.getloadavg()[0] if hasattr(os, 'getloadavg') else cores
+        torch.set_num_threads(max(1, min(cores // (ranks * (1 + workers)), int(idle) // ranks)))
+    return torch.get_num_threads()
+
 def shutdown():
     """Leave the process group, if one was joined."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -328,7 +328,7 @@ def training_loop(
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
 
     # The network, with a summary on rank 0.
-    dist.print0('Building the network...')
+    dist.print0('Building the network...' + (f' ({torch.get_num_threads()} CPU threads per rank)' if device.type == 'cpu' else ''))
     interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
