@@ -188,7 +188,7 @@ def training_config(opts, cd_given, device):
         ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
     c.update(total_kimg=max(int(opts.duration * 1000), 1), ema_halflife_kimg=(opts.ema * 1000 if opts.ema is not None else None),
         ema_rampup_ratio=ema_rampup_ratio, phema_stds=opts.phema, lr_rampup_kimg=opts.lr_rampup, lr_decay_batches=(opts.decay or None), batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench,
-        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed)
+        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed, max_bad_steps=opts.max_bad_steps)
 
     # Consistency distillation: its options only with --consistency=True.
     if not opts.consistency and len(cd_given) > 0:
@@ -200,7 +200,8 @@ def training_config(opts, cd_given, device):
             raise click.ClickException(f'--transfer and --student_init={opts.student_init} both choose the weights the student starts from; pass only one of them.')
         c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss_cd.ConsistencyDistillLoss', **{key: opts[option] for key, option in CD_LOSS_OPTIONS.items()})
         c.loss_kwargs.student_sigmas = parse_student_sigmas(opts.student_sigmas)
-        c.loss_kwargs.terminal_anchor = False if opts.no_terminal_anchor else opts.terminal_anchor
+        anchor = False if opts.no_terminal_anchor else opts.terminal_anchor
+        c.loss_kwargs.terminal_anchor = loss_cd.default_terminal_anchor(opts.sampling_mode) if anchor is None else anchor
         c.loss_kwargs.sync_dropout = opts.sync_dropout and not opts.no_sync_dropout
         c.teacher_pkl = opts.teacher
         if opts.resume is None and opts.transfer is None and opts.student_init != 'random':
@@ -299,6 +300,7 @@ def init_wandb(opts, c):
 # Speed and devices.
 @click.option('--fp16',             help='Run the network in float16 (CUDA only)', metavar='BOOL',            type=bool, default=False, show_default=True)
 @click.option('--ls',               help='Factor on the loss before backpropagation', metavar='FLOAT',         type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--max_bad_steps',    help='Stop after this many consecutive non-finite steps', metavar='INT',   type=click.IntRange(min=0), default=100, show_default=True)
 @click.option('--bench',            help='Let cuDNN pick the fastest kernels', metavar='BOOL',                 type=bool, default=True, show_default=True)
 @click.option('--cache',            help='Keep decoded images in memory', metavar='BOOL',                      type=bool, default=True, show_default=True)
 @click.option('--workers',          help='Data-loading processes per rank, 0 = none', metavar='INT',           type=click.IntRange(min=0), default=1, show_default=True)
@@ -407,8 +409,6 @@ def main(**kwargs):
             c.dataset_kwargs.update(resolution=inputs.dataset_obj.resolution, max_size=len(inputs.dataset_obj))
             if inputs.resume_state_dump is not None:
                 c.resume_state_dump = inputs.resume_state_dump
-            if opts.consistency:
-                c.loss_kwargs.terminal_anchor = inputs.loss_fn.terminal_anchor # The loss's default for the sampling mode, if not given.
             desc = run_description(opts, c, inputs.dataset_obj)
             if opts.dry_run:
                 c.run_dir = opts.outdir if opts.nosubdir else dnnlib.util.next_run_dir(opts.outdir, desc)
@@ -439,7 +439,10 @@ def main(**kwargs):
 
         # Train.
         snapshot_extras = student_snapshot_entry if opts.consistency else None
-        training_loop.training_loop(**c, inputs=inputs, snapshot_extras=snapshot_extras, wandb_run=wandb_run, device=device)
+        try:
+            training_loop.training_loop(**c, inputs=inputs, snapshot_extras=snapshot_extras, wandb_run=wandb_run, device=device)
+        except training_loop.TrainingDiverged as err:
+            raise click.ClickException(str(err)) from err
     except BaseException:
         if wandb_run is not None:
             wandb_run.finish(exit_code=1)

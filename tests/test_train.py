@@ -227,8 +227,9 @@ def test_resume_from_another_configuration(tmp_path, runs, digits8):
     msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={digits8}', '--cbase=16', '--cres=1,2', '--duration=1', f'--resume={state}')
     assert re.fullmatch(r'Error: The --resume state ".*training-state-000002\.pt" holds "[\w.]+" with shape \[[\d, ]+\], but the network here has shape \[[\d, ]+\]; resume with the options of the run that wrote it\.', msg), msg
     msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={digits8}', '--cbase=32', '--cres=1,2', '--precond=vp', '--duration=1', f'--resume={state}')
-    assert 'was written for class_name=training.networks.EDMPrecond, but this run has training.networks.VPPrecond' in msg
-    msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={digits8}', '--cbase=32', '--cres=1,2', '--duration=0.002', f'--resume={state}')
+    assert "loss_kwargs.class_name 'training.loss.EDMLoss' -> 'training.loss.VPLoss'" in msg and 'belongs to a run with other settings (' in msg
+    assert "network_kwargs.class_name 'training.networks.EDMPrecond' -> 'training.networks.VPPrecond'" in msg
+    msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={digits8}', '--cbase=32', '--cres=1,2', *SMALL_RUN, '--duration=0.002', f'--resume={state}')
     assert msg.endswith('has already seen 0.002048 Mimg, which reaches --duration=0.002; pass a longer --duration.')
     snapshot = os.path.join(runs['a'], 'network-snapshot-000002.pkl')
     msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={digits8}', f'--resume={snapshot}')
@@ -282,7 +283,7 @@ def test_transfer_and_nosubdir_options(tmp_path, runs, digits8):
     options, _ = dry_run(f'--outdir={tmp_path}', f'--data={digits8}', '--cbase=32', '--cres=1,2', f'--transfer={snapshot}', '--nosubdir', '--augment=0')
     assert options['resume_pkl'] == snapshot and options['ema_rampup_ratio'] is None and options['run_dir'] == str(tmp_path)
     assert 'augment_kwargs' not in options and 'augment_dim' not in options['network_kwargs']
-    options, _ = dry_run(f'--outdir={tmp_path}', f'--data={digits8}', f'--resume={runs["a"]}', '--cbase=32', '--cres=1,2')
+    options, _ = dry_run(f'--outdir={tmp_path}', f'--data={digits8}', f'--resume={runs["a"]}', '--cbase=32', '--cres=1,2', '--batch=64', '--lr_rampup=0')
     assert options['resume_state_dump'] == os.path.join(runs['a'], 'training-state-000002.pt') # The newest state of the run.
     assert options['seed'] == 1 # The resumed run's seed.
 
@@ -307,13 +308,16 @@ def test_ema_half_life_and_ramp_up():
     assert float(ema.weight.detach()) == pytest.approx(0.5 * 0.25 + 0.75, rel=1e-6)
     assert steps.update_ema(ema, net, cur_nimg=0, batch_size=10, ema_halflife_kimg=0.05, ema_rampup_ratio=None) == pytest.approx(0.5 ** 0.2)
 
-def test_optimizer_step_replaces_non_finite_gradients():
+def test_optimizer_step_skips_non_finite_gradients():
     net = torch.nn.Linear(4, 1, bias=False)
     torch.nn.init.zeros_(net.weight)
-    net.weight.grad = torch.tensor([[float('nan'), float('inf'), -float('inf'), 2.0]]) * 4
-    norm = steps.optimizer_step(net, torch.optim.SGD(net.parameters(), lr=0.5), lr=1.0, loss_scaling=4)
-    assert net.weight.detach().tolist() == [[0, -1e5, 1e5, -8]]
-    assert float(norm) == pytest.approx(np.sqrt(2e10 + 64) / 4)
+    opt = torch.optim.Adam(net.parameters(), lr=0.5)
+    net.weight.grad = torch.tensor([[float('nan'), 1.0, -1.0, 2.0]])
+    assert not torch.isfinite(steps.optimizer_step(net, opt, lr=1.0))
+    assert net.weight.detach().tolist() == [[0, 0, 0, 0]] and opt.state_dict()['state'] == {} # Weights and optimizer untouched.
+    net.weight.grad = torch.tensor([[0.0, 3.0, -4.0, 0.0]]) * 4
+    assert float(steps.optimizer_step(net, opt, lr=1.0, loss_scaling=4)) == pytest.approx(5)
+    assert net.weight.detach()[0].tolist() == pytest.approx([0, -1, 1, 0]) # Adam's first step: lr * sign (up to eps).
 
 def test_find_latest_state(tmp_path):
     assert checkpoint.find_latest_state(str(tmp_path)) is None

@@ -304,7 +304,8 @@ def test_teacher_that_does_not_match_the_data_or_the_student(tmp_path, digits8, 
 
     # A resumed run keeps the student grid.
     msg = invoke(*base, *TEACHER_ARCH, '--S=2', '--duration=1', f'--resume={runs["b"]}')
-    assert msg.startswith('Error: The --resume state "') and msg.endswith('" was written for the student grid S=4, but this run has S=2; resume with the options of the run that wrote it.')
+    assert msg.startswith('Error: The --resume state "') and 'belongs to a run with other settings (' in msg and 'loss_kwargs.S 4 -> 2' in msg
+    assert msg.endswith('; resume with the options of the run that wrote it, or start a new run from one of its snapshots with --transfer.')
     assert not os.path.exists(out)
 
 #----------------------------------------------------------------------------
@@ -338,3 +339,29 @@ def test_teacher_transfer_and_state_files_are_read_once(tmp_path, digits8, teach
             torch.set_num_threads(threads)
         assert result.exit_code == 0, result.output + repr(result.exception)
         assert [opened[os.path.realpath(path)] for path in files] == [1] * len(files), (args, opened)
+
+def test_resume_refuses_changes_that_break_the_run_and_logs_the_others(tmp_path, digits8, teacher, runs):
+    base = [f'--outdir={tmp_path / "out"}', f'--data={digits8}', f'--teacher={teacher}', *CD_RUN, f'--resume={runs["b"]}']
+    other_teacher = str(tmp_path / 'teacher2.pkl')
+    data = load_pickle(teacher)
+    with torch.no_grad():
+        next(data['ema'].parameters()).add_(1) # Same architecture, other weights.
+    with open(other_teacher, 'wb') as f:
+        pickle.dump(data, f)
+    for args, change in [
+        ([f'--teacher={other_teacher}'], 'the teacher (its weights differ)'),
+        (['--cd_loss=l2'], "loss_kwargs.loss 'pseudo_huber' -> 'l2'"),
+        (['--cd_target_mode=live'], "loss_kwargs.target_mode 'ema' -> 'live'"),
+        (['--T_end=32'], 'loss_kwargs.T_end 16 -> 32'),
+        (['--seed=5'], 'seed 1 -> 5'),
+    ]:
+        msg = invoke(*base, '--duration=0.002', *args)
+        assert 'belongs to a run with other settings (' in msg and change in msg and msg.endswith('with --transfer.'), msg
+    assert not os.path.exists(tmp_path / 'out')
+
+    # Duration and validation may change: the run goes on, and the log says what changed.
+    res = finish(start_train(f'--outdir={tmp_path / "ok"}', f'--data={digits8}', f'--teacher={teacher}', *CD_RUN, f'--resume={runs["b"]}',
+        '--duration=0.003', '--val=1', '--val_detector=pixels', '--val_num=0', '--val_agree_num=8', '--val_batch=8', '--val_every=10'))
+    assert res[0] == 0, res[2][-3000:]
+    assert 'Resuming with total_kimg changed from 1 to 3 (the run stays one run).' in res[1]
+    assert "Resuming with validation_fn.func_name changed from None to 'training.validation.validate'" in res[1]

@@ -131,6 +131,14 @@ def test_edm_training_is_validated_with_heun_without_agreement(tmp_path, data_di
     assert figures['fd_pixels'] == pytest.approx(fd_sqrtm(pixel_features(heun_images(net, VAL_KWARGS['num'])), dataset_features(data_dir)), rel=1e-6)
     assert history(tmp_path)[0]['sampler'] == 'heun, 4 steps'
 
+def test_non_finite_samples_are_reported_as_such(tmp_path, data_dir):
+    net = make_net(1)
+    with torch.no_grad():
+        next(net.parameters()).fill_(float('nan')) # A diverged network.
+    saved = []
+    figures = run(net, EDMLoss(), tmp_path, saved, ref_data=data_dir, grid_num=0)
+    assert figures['nonfinite_frac'] == 1 and np.isnan(figures['fd_pixels']) and saved == [] # No best snapshot of it.
+
 def test_history_teacher_once_best_snapshot_and_resume(tmp_path, data_dir, monkeypatch):
     teacher = make_net(1)
     loss_fn = make_loss(teacher)

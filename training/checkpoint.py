@@ -31,6 +31,7 @@ with `torch.load(weights_only=True)`: tensors and plain Python values only.
 """
 
 import copy
+import hashlib
 import importlib
 import json
 import os
@@ -335,6 +336,15 @@ def _plain_dicts(value):
 
 #----------------------------------------------------------------------------
 # Tensor names and shapes.
+
+def tensor_digest(module):
+    """SHA-256 of the names, dtypes, shapes and values of a module's parameters and buffers (its content)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f'{name} {tensor.dtype} {list(tensor.shape)}\n'.encode('utf-8'))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() > 0 else b'')
+    return digest.hexdigest()
 
 def tensor_shapes(module):
     """{name: shape} of the parameters and buffers of a module."""

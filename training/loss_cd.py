@@ -78,6 +78,10 @@ PRECISIONS          = dict(float32=torch.float32, float64=torch.float64)
 STUDENT_GRID_KEYS   = ('S', 'student_sigmas', 'sigma_min', 'sigma_max', 'rho') # Keywords of the student grid, which a resumed run must keep.
 HUBER_SCALE         = 0.00054   # Per-element scale of the default pseudo-Huber / Huber constant.
 
+def default_terminal_anchor(sampling_mode):
+    """The terminal anchor when none is asked for: on for the weighted sampling modes, off for 'uniform'."""
+    return sampling_mode != 'uniform'
+
 def loss_weight(sigma, mode='sqrt_karras', sigma_data=0.5):
     """lambda(sigma) of cd-spec section 6 for the noise levels `sigma` (a tensor)."""
     sd2 = sigma_data ** 2
@@ -183,7 +187,7 @@ class ConsistencyDistillLoss:
             raise ValueError(f'T_anneal="{T_anneal}" is unknown; use one of {", ".join(ops.ANNEAL_MODES)}.')
         if sampling_mode not in ops.SAMPLING_MODES:
             raise ValueError(f'sampling_mode="{sampling_mode}" is unknown; use one of {", ".join(ops.SAMPLING_MODES)}.')
-        if terminal_prob is not None and not ((sampling_mode != 'uniform') if terminal_anchor is None else terminal_anchor):
+        if terminal_prob is not None and not (default_terminal_anchor(sampling_mode) if terminal_anchor is None else terminal_anchor):
             raise ValueError(f'terminal_prob={terminal_prob:g} needs the terminal anchor, which is off here (terminal_anchor=False, or its default for '
                 f'sampling_mode=uniform); pass terminal_anchor=True or leave terminal_prob out.')
         if target_mode not in TARGET_MODES:
@@ -212,7 +216,7 @@ class ConsistencyDistillLoss:
         self.sigma_data = sigma_data
         self.student_layout = student_sigmas if isinstance(student_sigmas, str) else [float(v) for v in student_sigmas]
         self.sampling_mode = sampling_mode
-        self.terminal_anchor = (sampling_mode != 'uniform') if terminal_anchor is None else bool(terminal_anchor)
+        self.terminal_anchor = default_terminal_anchor(sampling_mode) if terminal_anchor is None else bool(terminal_anchor)
         self.terminal_prob = terminal_prob
         self.terminal_teacher_hop = bool(terminal_teacher_hop)
         self.target_mode = target_mode

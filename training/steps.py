@@ -32,17 +32,17 @@ def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, batch_gpu_total, 
             (loss.sum() * (loss_scaling / batch_gpu_total)).backward()
 
 def optimizer_step(net, optimizer, lr, loss_scaling=1):
-    """Set the learning rate, replace non-finite gradients (NaN by 0, +-inf by
-    +-1e5, as EDM does), step, and return the norm of the unscaled gradient."""
+    """Set the learning rate and step, unless a gradient is not finite: then the
+    step is skipped (weights and optimizer state untouched). Returns the norm of
+    the unscaled gradient (not finite for a skipped step)."""
     for group in optimizer.param_groups:
         group['lr'] = lr
     grads = [param.grad for param in net.parameters() if param.grad is not None]
-    for grad in grads:
-        torch.nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5, out=grad)
     grad_norm = torch.zeros([])
     if len(grads) > 0:
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) / loss_scaling
-    optimizer.step()
+    if torch.isfinite(grad_norm):
+        optimizer.step()
     return grad_norm
 
 @torch.no_grad()

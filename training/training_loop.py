@@ -29,6 +29,11 @@ Hooks for other losses and for in-training evaluation, all optional:
   for each, besides EDM's `network-snapshot-<kimg:06d>.pkl` of the classic EMA
   (none with `ema_halflife_kimg=None`, EDM2's setting). Validation and the
   snapshots it keeps use the classic EMA, else the first profile.
+* A step whose gradient is not finite is skipped (weights, EMA, target and
+  optimizer untouched; `Loss/skipped_steps` counts it); after more than
+  `max_bad_steps` in a row, or with non-finite weights at a snapshot or
+  training state, the loop raises `TrainingDiverged` (one sentence), so that
+  the last good snapshot and state stay the newest ones.
 * `lr_decay_batches` switches the learning rate to EDM2's schedule: the same
   linear ramp-up, then ref_lr / sqrt(steps / lr_decay_batches).
 * `validation_fn` is called every `val_every` ticks on all ranks and returns
@@ -48,6 +53,7 @@ the same point with fresh generator states.
 import contextlib
 import copy
 import importlib
+import inspect
 import json
 import os
 import random
@@ -93,6 +99,19 @@ def preserved_rng_states(device):
         yield
     finally:
         set_rng_states(states, device)
+
+#----------------------------------------------------------------------------
+# Divergence.
+
+class TrainingDiverged(Exception):
+    """The run stopped: too many consecutive non-finite steps, or non-finite weights."""
+
+def _check_finite(modules, cur_tick, cur_nimg, fix):
+    """Raise TrainingDiverged when a parameter of the modules is not finite, before it is saved."""
+    for module in modules:
+        if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+            raise TrainingDiverged(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): the weights are no longer finite, '
+                f'so nothing more is saved; {fix}.')
 
 #----------------------------------------------------------------------------
 # Figures.
@@ -145,22 +164,48 @@ def _check_fits_data(net, dataset_obj, data, where):
             raise ValueError(f'{where} is unconditional, but this run has --cond=True; pass --cond=False.')
         raise ValueError(f'{where} is conditioned on {labels} classes, but {data} has {dataset_obj.label_dim}; pass a dataset with the teacher\'s {labels} classes.')
 
-def _check_resume(state, path, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg, phema_stds):
-    """A training state against the configuration of the run that continues it."""
+RESUME_KEEPS = ( # Settings a resumed run may change and stay one run; a change of any other is refused.
+    'total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'validation_fn', 'val_every', 'val_at_start', 'data_loader_kwargs',
+    'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl')
+NOT_SETTINGS = ( # Keywords of training_loop() (and their entries) that say where a run starts or what it found, not what it is.
+    'run_dir', 'snapshot_extras', 'wandb_run', 'device', 'inputs', 'resume_pkl', 'resume_state_dump', 'dataset_kwargs.resolution', 'dataset_kwargs.max_size')
+
+def run_settings(loop_kwargs):
+    """The settings of a run, from keyword arguments of training_loop() (the others at their defaults),
+    as flat JSON values with `name.key` for dict entries."""
+    flat = dict()
+    def add(prefix, value):
+        if prefix in NOT_SETTINGS:
+            return
+        if isinstance(value, dict):
+            for key, item in value.items():
+                add(f'{prefix}.{key}', item)
+        else:
+            flat[prefix] = json.loads(json.dumps(value, default=repr))
+    defaults = {param.name: param.default for param in inspect.signature(training_loop).parameters.values()}
+    for name, value in dict(defaults, **loop_kwargs).items():
+        add(name, value)
+    return flat
+
+def _check_resume(state, path, shapes, settings, loss_fn, teacher_digest):
+    """A training state against the settings of the run that continues it: changes that keep the run one run are
+    logged, others (and a teacher of other content) refused. Training states without settings are compared on their
+    network and loss."""
     what, fix = f'The --resume state "{path}"', 'resume with the options of the run that wrote it'
     checkpoint.check_tensors({k: v.shape for k, v in state['net'].items()}, shapes, what, fix, require_all=True)
-    for key in ('class_name', 'model_type'):
-        if state['network_kwargs'].get(key) != network_kwargs.get(key):
-            raise ValueError(f'{what} was written for {key}={state["network_kwargs"].get(key)}, but this run has {network_kwargs.get(key)}; {fix}.')
-    if state['loss_kwargs'].get('class_name') != loss_kwargs.get('class_name'):
-        raise ValueError(f'{what} was written with the loss {state["loss_kwargs"].get("class_name")}, but this run uses {loss_kwargs.get("class_name")}; {fix}.')
-    for key in getattr(loss_fn, 'resume_keys', ()):
-        if state['loss_kwargs'].get(key) != loss_kwargs.get(key):
-            raise ValueError(f'{what} was written for the student grid {key}={state["loss_kwargs"].get(key)}, but this run has {key}={loss_kwargs.get(key)}; {fix}.')
-    if state.get('phema_stds') != phema_stds:
-        raise ValueError(f'{what} was written with the power-function EMA widths {state.get("phema_stds")}, but this run has {phema_stds}; {fix}.')
-    if state['cur_nimg'] >= total_kimg * 1000:
-        raise ValueError(f'{what} has already seen {state["cur_nimg"] / 1e6:g} Mimg, which reaches --duration={total_kimg / 1000:g}; pass a longer --duration.')
+    old = state.get('settings') or run_settings(dict(network_kwargs=state['network_kwargs'], loss_kwargs=state['loss_kwargs']))
+    kept = lambda name: any(name == key or name.startswith(key + '.') for key in RESUME_KEEPS)
+    changed = [(name, old.get(name), settings.get(name)) for name in sorted(set(old) | set(settings))
+        if old.get(name) != settings.get(name) and (name in old or 'settings' in state) and not (name == 'seed' and settings[name] is None)]
+    refused = [f'{name} {a!r} -> {b!r}' for name, a, b in changed if not kept(name)]
+    if state.get('teacher_digest') is not None and state['teacher_digest'] != teacher_digest:
+        refused.append('the teacher (its weights differ)')
+    if refused:
+        raise ValueError(f'{what} belongs to a run with other settings ({", ".join(refused)}); {fix}, or start a new run from one of its snapshots with --transfer.')
+    if state['cur_nimg'] >= settings['total_kimg'] * 1000:
+        raise ValueError(f'{what} has already seen {state["cur_nimg"] / 1e6:g} Mimg, which reaches --duration={settings["total_kimg"] / 1000:g}; pass a longer --duration.')
+    for name, a, b in changed:
+        dist.print0(f'Resuming with {name} changed from {a!r} to {b!r} (the run stays one run).')
 
 def _check_validation(validation_fn, image_shape, device):
     """The options of a validation function given as a dict, by its module's check_options()."""
@@ -188,10 +233,12 @@ def setup(
     validation_fn       = None,     # Periodic evaluation (its options are checked).
     phema_stds          = None,     # sigma_rel of the power-function EMA profiles (checked).
     device              = None,     # torch.device of this rank, None = CUDA when available.
-    **_loop_kwargs,                 # The other keyword arguments of training_loop(), not needed here.
+    **loop_kwargs,                  # The other keyword arguments of training_loop(), compared with a resumed run's.
 ):
     """Read and check everything the run starts from (see the module doc);
     call on all ranks. Returns an EasyDict for training_loop(inputs=...)."""
+    settings = run_settings(dict(loop_kwargs, dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, seed=seed,
+        batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg, teacher_pkl=teacher_pkl, validation_fn=validation_fn, phema_stds=phema_stds))
     device = torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
     world_size = dist.get_world_size()
 
@@ -213,12 +260,13 @@ def setup(
 
     # The loss and its teacher; the grids the teacher gives must leave no segment empty.
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    teacher = None
+    teacher, teacher_digest = None, None
     if teacher_pkl is not None:
         if not hasattr(loss_fn, 'set_teacher'):
             raise ValueError(f'teacher_pkl="{teacher_pkl}" was given, but the loss {type(loss_fn).__name__} takes no teacher; use a loss with set_teacher() or leave teacher_pkl out.')
         dist.print0(f'Loading the teacher "{teacher_pkl}"...')
         teacher = _load_network(teacher_pkl, '--teacher')
+        teacher_digest = checkpoint.tensor_digest(teacher)
         _check_fits_data(teacher, dataset_obj, dataset_kwargs['path'], f'The teacher "{teacher_pkl}"')
         loss_fn.set_teacher(teacher)
 
@@ -244,14 +292,14 @@ def setup(
             state = checkpoint.load_training_state(resume_state_dump)
         except ValueError as err:
             raise ValueError(f'--resume: {err}') from err
-        _check_resume(state, resume_state_dump, shapes, network_kwargs, loss_kwargs, loss_fn, total_kimg, phema_stds)
+        _check_resume(state, resume_state_dump, shapes, settings, loss_fn, teacher_digest)
 
     _check_validation(validation_fn, [dataset_obj.num_channels, dataset_obj.resolution, dataset_obj.resolution], device)
     if phema_stds is not None:
         phema.check_stds(phema_stds)
     if seed is None:
         seed = int(state['seed']) if state is not None else dist.broadcast_object(int.from_bytes(os.urandom(4), 'little') % (1 << 31))
-    return dnnlib.EasyDict(dataset_obj=dataset_obj, loss_fn=loss_fn, teacher=teacher, init_net=init_net, state=state,
+    return dnnlib.EasyDict(dataset_obj=dataset_obj, loss_fn=loss_fn, teacher=teacher, teacher_digest=teacher_digest, init_net=init_net, state=state,
         resume_state_dump=resume_state_dump, seed=seed, batch_gpu=batch_gpu, num_accumulation_rounds=batch_gpu_total // batch_gpu, device=device)
 
 #----------------------------------------------------------------------------
@@ -273,6 +321,7 @@ def training_loop(
     phema_stds          = None,     # sigma_rel of power-function EMA profiles (EDM2's), None = none.
     lr_rampup_kimg      = 10000,    # Length of the linear learning-rate warm-up.
     lr_decay_batches    = None,     # EDM2's inverse-square-root decay after this many steps, None = none.
+    max_bad_steps       = 100,      # Stop after this many consecutive steps with a non-finite loss or gradient.
     loss_scaling        = 1,        # Factor on the loss before backpropagation (FP16 range).
     kimg_per_tick       = 50,       # Progress line and statistics every this many thousand images.
     snapshot_ticks      = 50,       # Network snapshot every this many ticks, None = never.
@@ -300,12 +349,13 @@ def training_loop(
     all ranks). It returns a dict: numbers go to the statistics as
     `Validation/<name>` and to W&B, other values (images) to W&B only.
     """
+    loop_kwargs = dict(locals())
     start_time = time.time()
     if inputs is None:
-        inputs = setup(dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, seed=seed, batch_size=batch_size,
-            batch_gpu=batch_gpu, total_kimg=total_kimg, resume_pkl=resume_pkl, teacher_pkl=teacher_pkl, resume_state_dump=resume_state_dump,
-            validation_fn=validation_fn, phema_stds=phema_stds, device=device)
+        inputs = setup(**loop_kwargs)
     device, seed, dataset_obj, loss_fn, state = inputs.device, inputs.seed, inputs.dataset_obj, inputs.loss_fn, inputs.state
+    settings = run_settings(dict(loop_kwargs, seed=seed))
+    teacher_digest = inputs.teacher_digest
     batch_gpu, num_accumulation_rounds = inputs.batch_gpu, inputs.num_accumulation_rounds
     batch_gpu_total = batch_gpu * num_accumulation_rounds
 
@@ -379,23 +429,28 @@ def training_loop(
             dist.print0('The seed, the number of ranks or the batch per rank differs from the saved run: it continues, but not bit-identically.')
     del inputs, state
 
-    # Snapshots and training states; the network of validation and of `snapshot_extras` is the EMA, else the first profile.
+    divergence_fix = f'lower the learning rate (--lr={optimizer_kwargs["lr"]:g}) or lengthen its warm-up (--lr_rampup), and resume from the last training state'
+
+    # Snapshots and training states, never of non-finite weights; the network of validation and of `snapshot_extras` is the EMA, else the first profile.
     eval_net = ema if ema is not None else pf_ema.emas[0] if pf_ema is not None else net
     def save_snapshot(file_name, snapshot_net=None):
         snapshot_net = eval_net if snapshot_net is None else snapshot_net
+        _check_finite([snapshot_net], cur_tick, cur_nimg, divergence_fix)
         extras = snapshot_extras(net=net, ema=snapshot_net, loss_fn=loss_fn, cur_nimg=cur_nimg) if callable(snapshot_extras) else snapshot_extras
         data = checkpoint.snapshot_data(ema=snapshot_net, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs, extras=extras)
         if rank == 0:
             checkpoint.save_snapshot(os.path.join(run_dir, file_name), data)
 
     def save_state(file_name):
+        _check_finite([net] + ([] if ema is None else [ema]) + ([] if pf_ema is None else pf_ema.emas), cur_tick, cur_nimg, divergence_fix)
         rng_states = dist.gather_objects(get_rng_states(device))
         if rank == 0:
             checkpoint.save_training_state(os.path.join(run_dir, file_name), dict(net=net.state_dict(),
                 ema=(ema.state_dict() if ema is not None else None), phema=(pf_ema.state_dict() if pf_ema is not None else None),
                 phema_stds=phema_stds, optimizer_state=optimizer.state_dict(), loss_state=(loss_fn.state_dict() if hasattr(loss_fn, 'state_dict') else None),
                 cur_nimg=cur_nimg, cur_tick=cur_tick, seed=seed, batch_size=batch_size, batch_gpu=batch_gpu, world_size=world_size,
-                rng_states=rng_states, network_kwargs=dict(network_kwargs), loss_kwargs=dict(loss_kwargs)))
+                rng_states=rng_states, network_kwargs=dict(network_kwargs), loss_kwargs=dict(loss_kwargs), settings=settings,
+                teacher_digest=teacher_digest))
 
     # Validation.
     def validate():
@@ -425,6 +480,7 @@ def training_loop(
     dist.print0(f'Training until {total_kimg} kimg...')
     dist.print0()
     base_lr = optimizer_kwargs['lr']
+    bad_steps = 0 # Consecutive steps skipped for a non-finite gradient.
     tick_start_nimg = cur_nimg
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
@@ -440,13 +496,20 @@ def training_loop(
         steps.accumulate_gradients(ddp, loss_fn, next_batch, num_accumulation_rounds, batch_gpu_total, loss_scaling=loss_scaling, augment_pipe=augment_pipe)
         lr = steps.learning_rate(base_lr, cur_nimg, lr_rampup_kimg, batch_size=batch_size, decay_batches=lr_decay_batches)
         grad_norm = steps.optimizer_step(net, optimizer, lr, loss_scaling=loss_scaling)
-        training_stats.report0('Loss/grad_norm', grad_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        bad_steps = 0 if finite else bad_steps + 1
+        training_stats.report0('Loss/skipped_steps', 0 if finite else 1)
+        training_stats.report0('Loss/grad_norm', grad_norm if finite else [])
         training_stats.report0('Progress/lr', lr)
-        if hasattr(loss_fn, 'update_target'):
-            loss_fn.update_target(net)
-        if ema is not None:
-            steps.update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
-        if pf_ema is not None:
+        if bad_steps > max_bad_steps:
+            raise TrainingDiverged(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {bad_steps} consecutive steps had a non-finite '
+                f'loss or gradient (gradient norm {float(grad_norm)}) and were skipped; {divergence_fix}.')
+        if finite: # A skipped step leaves the weights, the EMA, the target and the optimizer as they were.
+            if hasattr(loss_fn, 'update_target'):
+                loss_fn.update_target(net)
+            if ema is not None:
+                steps.update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
+        if pf_ema is not None: # A profile of training time: after a skipped step it averages the unchanged weights.
             pf_ema.update(cur_nimg + batch_size, batch_size)
 
         # Count the images; go on unless the tick (or the run) is over.

@@ -330,9 +330,11 @@ def validate(
     dist.print0(f'Validation: {total} images ({sampler_desc}) on {world} rank(s)...')
     stats = metrics.FeatureStats(det.device) if det is not None else None
     sq_err = torch.zeros([2], dtype=torch.float64, device=device) # Sum of squared differences, number of values.
+    nonfinite = torch.zeros([], dtype=torch.float64, device=device) # Images with a non-finite pixel.
     grid_items = []
     for chunk in _rank_batches(total, opts.batch):
         images = generate_images(net, chunk, opts.seed, device, sample_fn, **sample_kwargs)
+        nonfinite += (~torch.isfinite(images)).flatten(1).any(dim=1).sum()
         images_u8 = samplers.to_uint8(images)
         rows = [j for j, i in enumerate(chunk) if i < opts.num]
         if rows:
@@ -342,12 +344,17 @@ def validate(
             diff = images[rows] - _teacher_images(teacher_net, [chunk[j] for j in rows], opts, device)
             sq_err += torch.stack([diff.square().sum(), torch.tensor(diff.numel(), dtype=torch.float64, device=device)])
         grid_items += [(i, image.permute(1, 2, 0).cpu().numpy()) for i, image in zip(chunk, images_u8) if i < opts.grid_num]
+    if dist.is_distributed():
+        torch.distributed.all_reduce(sq_err)
+        torch.distributed.all_reduce(nonfinite)
+    if nonfinite > 0:
+        figures['nonfinite_frac'] = float(nonfinite) / total
     if stats is not None:
-        figures[fd_name] = fd_of(stats)
+        figures[fd_name] = fd_of(stats) if nonfinite == 0 else float('nan') # Features of non-finite images mean nothing.
     if agree_num > 0:
-        if dist.is_distributed():
-            torch.distributed.all_reduce(sq_err)
         figures.update(metrics.agreement(float(sq_err[0] / sq_err[1])))
+    if nonfinite > 0:
+        dist.print0(f'Validation: {int(nonfinite)} of {total} images are not finite (the network diverged); their figures are NaN.')
 
     # The best snapshot.
     best = False
