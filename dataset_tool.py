@@ -17,6 +17,8 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+import dnnlib
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')                            # File types read as images.
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')                         # PIL modes kept single-channel.
 MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz')  # Expected in an MNIST folder.
@@ -288,6 +290,10 @@ def make_transform(transform, resolution):
 def check_dest(dest):
     if os.path.isfile(dest) or (os.path.isdir(dest) and os.listdir(dest)):
         raise click.ClickException(f'Destination {dest!r} already holds data; choose another --dest or delete it first.')
+    try:
+        dnnlib.util.check_writable(dest, '--dest')
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
 
 def write_dataset(source, transform, dest):
     dest = os.path.normpath(dest)

@@ -7,6 +7,7 @@ import os
 
 import click
 
+import dnnlib
 from torch_utils import distributed as dist
 from training import metrics
 
@@ -95,8 +96,11 @@ def ref(data_path, dest_path, batch, detector, workers):
     """Reference statistics of a dataset, needed by 'calc'."""
     if os.path.isdir(dest_path):
         raise click.ClickException(f'--dest={dest_path} is a folder; pass the path of an .npz file to write.')
+    if os.path.exists(dest_path):
+        raise click.ClickException(f'--dest={dest_path} already exists; delete it or pass another path, so that no reference statistics are replaced by mistake.')
     device = dist.init()
     with user_errors():
+        dnnlib.util.check_writable(dest_path, '--dest')
         detector = metrics.load_detector(detector, device=device)
         images = metrics.open_image_dataset(data_path)
         detector.feature_dim(images.image_shape)

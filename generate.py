@@ -122,6 +122,9 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
     if outdir is None and grid is None:
         raise click.ClickException('Nothing would be saved; give --outdir for one PNG per seed, --grid for a grid image, or both.')
     with user_errors():
+        for name, path in [('--outdir', outdir), ('--grid', grid)]:
+            if path is not None:
+                dnnlib.util.check_writable(path, name)
         device = dist.init(device_type=None if device == 'auto' else device)
         dist.print0(f'Loading network from "{network_pkl}"...')
         data = checkpoint.load_snapshot(network_pkl)

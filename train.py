@@ -215,12 +215,19 @@ def training_config(opts, cd_given, device):
     if opts.resume is not None:
         c.resume_state_dump = opts.resume
 
+    # The output: writable, and with --nosubdir not another run's folder.
+    dnnlib.util.check_writable(opts.outdir, '--outdir')
+    resume_dir = None if opts.resume is None else os.path.abspath(opts.resume if os.path.isdir(opts.resume) else os.path.dirname(opts.resume))
+    if opts.nosubdir and os.path.isfile(os.path.join(opts.outdir, 'training_options.json')) and resume_dir != os.path.abspath(opts.outdir):
+        raise click.ClickException(f'--outdir={opts.outdir} already holds a run (training_options.json) and --nosubdir would overwrite it; '
+            f'pass --resume={opts.outdir} to continue it, or another --outdir.')
+
     # Validation during training.
     if opts.val:
         c.validation_fn = dnnlib.EasyDict(func_name='training.validation.validate', num=opts.val_num, seed=opts.val_seed, batch=opts.val_batch,
             ref=opts.val_ref, ref_data=(opts.val_ref_data if (opts.val_ref_data is not None or opts.val_ref is not None) else opts.data),
             detector=opts.val_detector, teacher=opts.val_teacher, agree_num=(opts.val_agree_num if opts.consistency else 0), workers=opts.workers,
-            resume_dir=(None if opts.resume is None else os.path.abspath(opts.resume if os.path.isdir(opts.resume) else os.path.dirname(opts.resume))))
+            resume_dir=resume_dir)
         c.update(val_every=opts.val_every, val_at_start=opts.val_at_start)
     return c
 
@@ -254,6 +261,9 @@ def create_run_dir(opts, c, desc):
         run_dir = opts.outdir
     else:
         run_dir = dnnlib.util.claim_run_dir(opts.outdir, desc)
+    for folder in {run_dir} | ({os.path.dirname(os.path.abspath(c.resume_state_dump))} if c.get('resume_state_dump') else set()):
+        for name in dnnlib.util.remove_stale_temp_files(folder):
+            print(f'Removed "{name}", the unfinished file of a run that stopped while writing it.')
     options_text = json.dumps(dict(c, run_dir=run_dir), indent=2).encode('utf-8')
     dnnlib.util.write_atomic(os.path.join(run_dir, 'training_options.json'), lambda f: f.write(options_text))
     return run_dir
@@ -312,7 +322,7 @@ def init_wandb(opts, c):
 @click.option('--tick',             help='Progress line every this many kimg', metavar='KIMG',                 type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--snap',             help='Network snapshot every this many ticks', metavar='TICKS',            type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--dump',             help='Training state every this many ticks', metavar='TICKS',              type=click.IntRange(min=1), default=500, show_default=True)
-@click.option('--seed',             help='Random seed  [default: random, or the resumed run\'s]', metavar='INT', type=int)
+@click.option('--seed',             help='Random seed  [default: random, or the resumed run\'s]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--transfer',         help='Initialise the network from a snapshot\'s EMA (.pkl or .safetensors)', metavar='PKL|URL', type=str)
 @click.option('--resume',           help='Continue from a training state, or the newest in a run directory', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run',    help='Show the options and stop',                                          is_flag=True)

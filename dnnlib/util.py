@@ -100,6 +100,38 @@ def write_atomic(path, write_fn):
             os.remove(temp_path)
         raise
 
+def remove_stale_temp_files(folder):
+    """Remove the `*.tmp-<pid>` files of write_atomic() in `folder` whose process is gone
+    (a run that was killed while writing); returns their names."""
+    removed = []
+    for name in (os.listdir(folder) if os.path.isdir(folder) else []):
+        match = re.fullmatch(r'.+\.tmp-(\d+)', name)
+        if match and int(match.group(1)) != os.getpid() and not _process_exists(int(match.group(1))):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError: # Someone else's process.
+        return True
+    return True
+
+def check_writable(path, name):
+    """Raise ValueError unless a file or folder can be created at `path` (the value of
+    option `name`): its nearest existing ancestor must be a writable folder."""
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if ancestor != os.path.abspath(path) and not os.path.isdir(ancestor):
+        raise ValueError(f'{name}={path} cannot be created: "{ancestor}" is a file, not a folder; choose another path.')
+    folder = ancestor if os.path.isdir(ancestor) else os.path.dirname(ancestor)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'{name}={path} cannot be written: the folder "{folder}" is not writable; choose another path or fix its permissions.')
+
 def next_run_dir(outdir, desc):
     """`outdir/<id>-<desc>` with the id one above the largest id that starts a name in outdir."""
     names = os.listdir(outdir) if os.path.isdir(outdir) else []
