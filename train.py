@@ -451,7 +451,7 @@ def main(**kwargs):
         snapshot_extras = student_snapshot_entry if opts.consistency else None
         try:
             training_loop.training_loop(**c, inputs=inputs, snapshot_extras=snapshot_extras, wandb_run=wandb_run, device=device)
-        except training_loop.TrainingDiverged as err:
+        except training_loop.TrainingStopped as err:
             raise click.ClickException(str(err)) from err
     except BaseException:
         if wandb_run is not None:

@@ -86,3 +86,30 @@ def test_other_scripts_check_their_outputs_first(tmp_path, digits8):
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == \
         f'Error: --dest={ref} already exists; delete it or pass another path, so that no reference statistics are replaced by mistake.'
     assert ref.read_bytes() == b'old statistics'
+
+#----------------------------------------------------------------------------
+# Dataset images: headers checked before any work, a broken image named mid-run.
+
+def image_folder(path, sizes):
+    import numpy as np # pylint: disable=import-outside-toplevel
+    import PIL.Image # pylint: disable=import-outside-toplevel
+    path.mkdir()
+    for idx, size in enumerate(sizes):
+        PIL.Image.fromarray(np.full([size, size], idx * 9 % 255, dtype=np.uint8)).save(path / f'img{idx:03d}.png')
+    return path
+
+def test_dataset_images_are_checked_first_and_named_when_they_fail(tmp_path):
+    mixed = image_folder(tmp_path / 'mixed', [8] * 20 + [16])
+    msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={mixed}', *TINY_RUN)
+    assert msg == (f"Error: --data: Image 'img020.png' in '{mixed}' is 16x16 grayscale, but the first image is 8x8 grayscale; "
+        'rebuild the dataset with dataset_tool.py --resolution=WxH.')
+    assert not os.path.exists(tmp_path / 'out')
+
+    broken = image_folder(tmp_path / 'broken', [8] * 40)
+    data = (broken / 'img033.png').read_bytes()
+    start = data.index(b'IDAT') + 4
+    (broken / 'img033.png').write_bytes(data[:start] + bytes(len(data) - start - 12) + data[-12:]) # The header survives, the pixels do not.
+    res = finish(start_train(f'--outdir={tmp_path / "out"}', f'--data={broken}', *TINY_RUN, '--workers=1'))
+    errors = [line for line in res[2].splitlines() if line.startswith('Error: ')]
+    assert res[0] == 1 and len(errors) == 1 and 'Traceback' not in res[2], res[2][-3000:]
+    assert errors[0].startswith('Error: Training stopped at tick ') and ' kimg): Image ' in errors[0] and "'img033.png'" in errors[0] and 'cannot be read' in errors[0], errors[0]

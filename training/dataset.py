@@ -174,6 +174,21 @@ class ImageFolderDataset(Dataset):
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
         super().__init__(name=name, raw_shape=[len(self._image_fnames), *first.shape], **super_kwargs)
 
+    def check_headers(self):
+        """Raise ValueError naming the first image whose header cannot be read or whose size or
+        channels differ from the first image's; reads the headers only."""
+        _channels, height, width = self._raw_shape[1:]
+        for fname in self._image_fnames:
+            try:
+                with (self._get_zipfile().open(fname) if self._type == 'zip' else open(os.path.join(self._path, fname), 'rb')) as f:
+                    with PIL.Image.open(f) as pil:
+                        size, gray = pil.size, pil.mode in GRAY_MODES
+            except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
+                raise ValueError(f'Image {fname!r} in {self._path!r} cannot be read ({e}); replace it or rebuild the dataset with dataset_tool.py.') from e
+            if size != (width, height) or gray != (self._raw_shape[1] == 1):
+                raise ValueError(f'Image {fname!r} in {self._path!r} is {size[0]}x{size[1]} {"grayscale" if gray else "color"}, but the first image is '
+                    f'{width}x{height} {"grayscale" if self._raw_shape[1] == 1 else "color"}; rebuild the dataset with dataset_tool.py --resolution=WxH.')
+
     def _get_zipfile(self): # One handle per process: forked workers must not share the file offset.
         if self._zipfile is None or self._zipfile_pid != os.getpid():
             self._zipfile = zipfile.ZipFile(self._path)

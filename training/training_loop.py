@@ -32,7 +32,7 @@ Hooks for other losses and for in-training evaluation, all optional:
 * A step whose gradient is not finite is skipped (weights, EMA, target and
   optimizer untouched; `Loss/skipped_steps` counts it); after more than
   `max_bad_steps` in a row, or with non-finite weights at a snapshot or
-  training state, the loop raises `TrainingDiverged` (one sentence), so that
+  training state, the loop raises `TrainingStopped` (one sentence), so that
   the last good snapshot and state stay the newest ones.
 * `lr_decay_batches` switches the learning rate to EDM2's schedule: the same
   linear ramp-up, then ref_lr / sqrt(steps / lr_decay_batches).
@@ -103,14 +103,14 @@ def preserved_rng_states(device):
 #----------------------------------------------------------------------------
 # Divergence.
 
-class TrainingDiverged(Exception):
-    """The run stopped: too many consecutive non-finite steps, or non-finite weights."""
+class TrainingStopped(Exception):
+    """The run stopped for a reason the user can act on (divergence, an unreadable image), said in one sentence."""
 
 def _check_finite(modules, cur_tick, cur_nimg, fix):
-    """Raise TrainingDiverged when a parameter of the modules is not finite, before it is saved."""
+    """Raise TrainingStopped when a parameter of the modules is not finite, before it is saved."""
     for module in modules:
         if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-            raise TrainingDiverged(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): the weights are no longer finite, '
+            raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): the weights are no longer finite, '
                 f'so nothing more is saved; {fix}.')
 
 #----------------------------------------------------------------------------
@@ -252,6 +252,11 @@ def setup(
 
     # The dataset, and the names and shapes of the network it implies.
     dataset_obj = _open_dataset(dataset_kwargs)
+    if hasattr(dataset_obj, 'check_headers'):
+        try:
+            dataset_obj.check_headers()
+        except ValueError as err:
+            raise ValueError(f'--data: {err}') from err
     try:
         interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
     except ValueError as err:
@@ -485,7 +490,11 @@ def training_loop(
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     def next_batch():
-        images, labels = next(dataset_iterator)
+        try:
+            images, labels = next(dataset_iterator)
+        except ValueError as err: # The dataset's sentence, also from a data-loader worker (the last line of its traceback).
+            reason = str(err).strip().splitlines()[-1].removeprefix('ValueError: ')
+            raise TrainingStopped(f'Training stopped at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {reason}') from err
         return images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device)
     while True:
 
@@ -502,7 +511,7 @@ def training_loop(
         training_stats.report0('Loss/grad_norm', grad_norm if finite else [])
         training_stats.report0('Progress/lr', lr)
         if bad_steps > max_bad_steps:
-            raise TrainingDiverged(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {bad_steps} consecutive steps had a non-finite '
+            raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {bad_steps} consecutive steps had a non-finite '
                 f'loss or gradient (gradient norm {float(grad_norm)}) and were skipped; {divergence_fix}.')
         if finite: # A skipped step leaves the weights, the EMA, the target and the optimizer as they were.
             if hasattr(loss_fn, 'update_target'):
