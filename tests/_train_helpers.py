@@ -9,6 +9,8 @@ import struct
 import subprocess
 import sys
 
+from click.testing import CliRunner
+
 from training.loss import EDMLoss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,15 @@ def train_teacher(outdir, data):
     res = finish(start_train(f'--outdir={outdir}', '--nosubdir', f'--data={data}', *TINY_ARCH, *SMALL_RUN, '--duration=0.001'))
     assert res[0] == 0, res[2][-3000:]
     return os.path.join(str(outdir), 'network-snapshot-000001.pkl')
+
+def invoke(*args):
+    """train.py in this process with a user mistake: its one `Error: ` line (exit code 1, no traceback)."""
+    import train # pylint: disable=import-outside-toplevel
+    result = CliRunner().invoke(train.main, list(args))
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
+    assert len(lines) == 1 and 'Traceback' not in result.output, result.output
+    return lines[0]
 
 def start_train(*args, python_flags=(), wandb_home=None):
     """Start train.py; returns the Popen."""

@@ -10,16 +10,9 @@ from click.testing import CliRunner
 
 import dnnlib
 import train
-from _train_helpers import SMALL_RUN, TINY_ARCH, finish, run_dirs, start_train
+from _train_helpers import SMALL_RUN, TINY_ARCH, finish, invoke, run_dirs, start_train
 
 TINY_RUN = [*TINY_ARCH, *SMALL_RUN, '--batch=8', '--duration=0.0001', '--snap=1000', '--dump=1000']
-
-def invoke(*args):
-    result = CliRunner().invoke(train.main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
-    assert len(lines) == 1 and 'Traceback' not in result.output, result.output
-    return lines[0]
 
 #----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 import train
-from _train_helpers import ROOT, SMALL_RUN, VALIDATION_CALLS, HookLoss, RecordingRun, finish, read_stats, read_wandb_history, run_dirs, start_train, subprocess_env
+from _train_helpers import ROOT, SMALL_RUN, VALIDATION_CALLS, HookLoss, RecordingRun, finish, invoke, read_stats, read_wandb_history, run_dirs, start_train, subprocess_env
 from training import checkpoint
 from training import steps
 from training import training_loop
@@ -173,14 +173,6 @@ def test_wandb_is_not_imported_without_the_flag(runs):
 
 #----------------------------------------------------------------------------
 # Must show 5: bad input, each one sentence before any work.
-
-def invoke(*args):
-    result = CliRunner().invoke(train.main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
-    assert len(lines) == 1, result.output
-    assert 'Traceback' not in result.output
-    return lines[0]
 
 @pytest.fixture
 def unlabeled(tmp_path):

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 import generate
 import train
-from _train_helpers import SMALL_RUN, TINY_ARCH, finish, read_stats, run_dirs, start_train
+from _train_helpers import SMALL_RUN, TINY_ARCH, finish, invoke, read_stats, run_dirs, start_train
 from training import checkpoint
 from training import samplers
 from training import training_loop
@@ -227,13 +227,6 @@ def test_defaults_and_student_start(tmp_path, digits8, teacher):
 
 #----------------------------------------------------------------------------
 # Bad input: one sentence each, before any work.
-
-def invoke(*args):
-    result = CliRunner().invoke(train.main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
-    assert len(lines) == 1 and 'Traceback' not in result.output, result.output
-    return lines[0]
 
 def image_folder(path, resolution, channels):
     path.mkdir()

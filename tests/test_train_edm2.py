@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import generate
 import reconstruct_phema
 import train
-from _train_helpers import SMALL_RUN, finish, run_dirs, start_train
+from _train_helpers import SMALL_RUN, finish, invoke, run_dirs, start_train
 from training import phema
 from training import steps
 
@@ -147,13 +147,6 @@ def dry_run(*args):
     assert result.exit_code == 0, result.output
     text = result.output
     return json.loads(text[text.index('Training options:') + len('Training options:'):text.index('Run directory:')])
-
-def invoke(*args):
-    result = CliRunner().invoke(train.main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith('Error: ')]
-    assert len(lines) == 1 and 'Traceback' not in result.output, result.output
-    return lines[0]
 
 def test_presets_set_the_published_hyperparameters(tmp_path, digits8):
     options = dry_run(f'--outdir={tmp_path}', f'--data={digits8}', '--preset=edm2-img64-s')

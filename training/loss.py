@@ -64,6 +64,11 @@ class VELoss:
         weight = 1 / sigma ** 2
         return _noisy_denoising_error(net, images, labels, sigma, weight, augment_pipe)
 
+def _lognormal_sigma_and_edm_weight(images, P_mean, P_std, sigma_data):
+    """Per-image sigma with ln sigma ~ N(P_mean, P_std^2), and EDM's weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+    sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * P_std + P_mean).exp()
+    return sigma, (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
 @persistence.persistent_class
 class EDMLoss:
     """EDM loss: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
@@ -78,9 +83,7 @@ class EDMLoss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        sigma, weight = _lognormal_sigma_and_edm_weight(images, self.P_mean, self.P_std, self.sigma_data)
         return _noisy_denoising_error(net, images, labels, sigma, weight, augment_pipe)
 
 #----------------------------------------------------------------------------
@@ -100,9 +103,7 @@ class EDM2Loss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
-        rnd_normal = torch.randn([images.shape[0], 1, 1, 1], device=images.device)
-        sigma = (rnd_normal * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        sigma, weight = _lognormal_sigma_and_edm_weight(images, self.P_mean, self.P_std, self.sigma_data)
         if augment_pipe is not None:
             y, augment_labels = augment_pipe(images)
             net_kwargs = dict(augment_labels=augment_labels)
