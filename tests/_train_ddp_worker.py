@@ -47,13 +47,13 @@ shard = images[rank * batch_gpu_total : (rank + 1) * batch_gpu_total]
 loss_fn = FixedLoss()
 
 # Gradients: DDP over the ranks, without synchronisation (a control), and one process.
-ddp = torch.nn.parallel.DistributedDataParallel(net, forward_sync_buffers=False)
-steps.accumulate_gradients(ddp, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_gpu_total=batch_gpu_total)
+ddp = steps.distributed(net, device)
+steps.accumulate_gradients(ddp, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_size=batch_size)
 grad_ddp = flat(p.grad for p in net.parameters())
 local = copy.deepcopy(single)
-steps.accumulate_gradients(local, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_gpu_total=batch_gpu_total)
+steps.accumulate_gradients(local, loss_fn, batches(shard, batch_gpu), num_rounds=batch_gpu_total // batch_gpu, batch_size=batch_size)
 grad_local = flat(p.grad for p in local.parameters())
-steps.accumulate_gradients(single, loss_fn, batches(images, batch_size), num_rounds=1, batch_gpu_total=batch_size)
+steps.accumulate_gradients(single, loss_fn, batches(images, batch_size), num_rounds=1, batch_size=batch_size)
 grad_single = flat(p.grad for p in single.parameters())
 scale = grad_single.abs().max()
 gathered = [torch.zeros_like(grad_ddp) for _ in range(world)]

@@ -55,11 +55,25 @@ def test_infinite_sampler_shards_and_resumes():
         expected = [[full[i] for i in range(start, 60) if i % 3 == r][:5] for r in range(3)]
         assert resumed == expected
 
+def test_infinite_sampler_deals_blocks():
+    data = range(10)
+    full = _take(misc.InfiniteSampler(data, seed=1), 60)
+    # Rank r of 3 takes the blocks of 4 positions r, r + 3, ...: the global batch of 12 in contiguous thirds.
+    ranks = [_take(misc.InfiniteSampler(data, rank=r, num_replicas=3, seed=1, block=4), 20) for r in range(3)]
+    assert [ranks[(i // 4) % 3][(i // 12) * 4 + i % 4] for i in range(60)] == full
+    # Resuming inside or at the start of a block continues the same stream on every rank.
+    for start in (0, 5, 12, 35):
+        resumed = [_take(misc.InfiniteSampler(data, rank=r, num_replicas=3, seed=1, block=4, start_idx=start), 5) for r in range(3)]
+        expected = [[full[i] for i in range(start, 60) if (i // 4) % 3 == r][:5] for r in range(3)]
+        assert resumed == expected
+
 def test_infinite_sampler_bad_input():
     with pytest.raises(ValueError, match='non-empty'):
         misc.InfiniteSampler([])
     with pytest.raises(ValueError, match='rank=2 with num_replicas=2'):
         misc.InfiniteSampler(range(3), rank=2, num_replicas=2)
+    with pytest.raises(ValueError, match='block=0'):
+        misc.InfiniteSampler(range(3), block=0)
 
 #----------------------------------------------------------------------------
 

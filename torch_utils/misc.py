@@ -82,7 +82,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
     """Endless stream of dataset indices, shuffled per epoch and sharded by rank.
 
     The global stream visits epoch e in the order of a permutation seeded by
-    (seed, e); rank r yields the stream positions r, r + num_replicas, ...
+    (seed, e). It is dealt to the ranks in blocks of `block` consecutive
+    positions, round-robin: rank r yields the positions p with
+    (p // block) % num_replicas == r (block=1: r, r + num_replicas, ...).
     Position p of the stream depends only on (seed, p), so `start_idx` (a
     global position, e.g. the number of images seen) resumes exactly, in
     O(len(dataset)) time whatever its value.
@@ -95,11 +97,14 @@ class InfiniteSampler(torch.utils.data.Sampler):
         shuffle         = True, # Shuffle the indices anew in every epoch?
         seed            = 0,    # Seed of the shuffle.
         start_idx       = 0,    # Global stream position to start from.
+        block           = 1,    # Consecutive positions dealt to a rank at a time.
     ):
         if len(dataset) < 1:
             raise ValueError('InfiniteSampler needs a non-empty dataset.')
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f'InfiniteSampler got rank={rank} with num_replicas={num_replicas}; need 0 <= rank < num_replicas.')
+        if block < 1:
+            raise ValueError(f'block={block} is invalid; it must be positive.')
         if start_idx < 0:
             raise ValueError(f'start_idx={start_idx} is invalid; it must be non-negative.')
         super().__init__()
@@ -109,6 +114,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.start_idx = start_idx
+        self.block = block
 
     def epoch_order(self, epoch):
         """The order of the dataset indices in the given epoch."""
@@ -118,14 +124,17 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         size = len(self.dataset)
-        idx = self.start_idx + (self.rank - self.start_idx) % self.num_replicas
+        idx = self.start_idx
         epoch = None
         while True:
+            skip = (self.rank - idx // self.block) % self.num_replicas
+            if skip != 0: # The start of this rank's next block.
+                idx = (idx // self.block + skip) * self.block
             if idx // size != epoch:
                 epoch = idx // size
                 order = self.epoch_order(epoch)
             yield int(order[idx % size])
-            idx += self.num_replicas
+            idx += 1
 
 #----------------------------------------------------------------------------
 # Parameters and buffers.

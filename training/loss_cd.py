@@ -402,6 +402,8 @@ class ConsistencyDistillLoss:
             x_ref[hop_rows] = ops.heun_hop(teacher, x_t[hop_rows], sigma_t[hop_rows], sigma_s[hop_rows], dtype=dtype)
 
         # Target network on the general samples: x_ref = DDIM of its prediction from sigma_s to the boundary.
+        if self.target_mode == 'ema' and self._target is None:
+            self._target = self._new_target(student) # The student before its first step, on every rank, general samples or not.
         general = (case == ops.GENERAL).nonzero().flatten()
         rng_state = None
         x_s = x_ref[general]
@@ -412,8 +414,6 @@ class ConsistencyDistillLoss:
             elif self.target_mode == 'live':
                 target_net = student
             else:
-                if self._target is None:
-                    self._target = self._new_target(student)
                 target_net = self._target.train(student.training)
             replay = self.target_mode != 'teacher' and self.sync_dropout and student.training
             if replay:

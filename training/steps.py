@@ -2,6 +2,7 @@
 benchmarks: the learning rate (EDM's ramp-up, EDM2's decay), gradient
 accumulation over rounds and ranks, the optimizer step, and EDM's EMA."""
 
+import numpy as np
 import torch
 
 from torch_utils import misc
@@ -18,18 +19,40 @@ def learning_rate(base_lr, cur_nimg, lr_rampup_kimg, batch_size=None, decay_batc
         return schedules.learning_rate_edm2(base_lr, cur_nimg, batch_size, ref_batches=decay_batches, rampup_Mimg=lr_rampup_kimg / 1000)
     return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
 
-def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, batch_gpu_total, loss_scaling=1, augment_pipe=None):
-    """Forward and backward passes over `num_rounds` batches from `next_batch()`
-    (images in [-1, 1] and labels, on the device). A DDP module averages the
-    gradients across ranks on the last round only. The result is the gradient
-    of the loss summed over the global batch and divided by its size (times
-    `loss_scaling`), whatever the numbers of ranks and rounds."""
+def _allreduce_sum(process_group, bucket):
+    """DDP communication hook: the gradients summed over the ranks, not averaged."""
+    work = torch.distributed.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+def distributed(net, device):
+    """`net` in DistributedDataParallel, summing the gradients over the ranks
+    (the loss is already divided by the global batch), for accumulate_gradients()."""
+    ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=([device] if device.type == 'cuda' else None), forward_sync_buffers=False)
+    ddp.register_comm_hook(state=None, hook=_allreduce_sum)
+    return ddp
+
+def micro_batch_seed(seed, step, index):
+    """The seed of the generators for micro-batch `index` of the global batch of optimizer step `step`."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0])
+
+def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, batch_size, loss_scaling=1, augment_pipe=None, seed=None, step=0, first_index=0):
+    """Forward and backward passes over `num_rounds` micro-batches from
+    `next_batch()` (images in [-1, 1] and labels, on the device). The loss is
+    summed and divided by the global `batch_size` (times `loss_scaling`); a
+    DDP module from distributed() sums the gradients over the ranks on the
+    last round only, so that the result is the gradient of the mean loss over
+    the global batch whatever the numbers of ranks and rounds. Given a `seed`,
+    the torch generators (CPU and CUDA) are seeded before round k by
+    micro_batch_seed(seed, step, first_index + k): the random numbers of a
+    micro-batch depend on its place in the global batch, not on the rank."""
     for round_idx in range(num_rounds):
         with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
             images, labels = next_batch()
+            if seed is not None:
+                torch.manual_seed(micro_batch_seed(seed, step, first_index + round_idx))
             loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
             training_stats.report('Loss/loss', loss)
-            (loss.sum() * (loss_scaling / batch_gpu_total)).backward()
+            (loss.sum() * (loss_scaling / batch_size)).backward()
 
 def optimizer_step(net, optimizer, lr, loss_scaling=1):
     """Set the learning rate and step, unless a gradient is not finite: then the

@@ -40,14 +40,28 @@ Hooks for other losses and for in-training evaluation, all optional:
   figures for `stats.jsonl` and W&B. Given as a dict, the `check_options`
   function of its module (if any) checks its options in setup().
 
+Rank-count independence: the global batch of optimizer step s is positions
+[s * batch_size, (s + 1) * batch_size) of the image stream
+(`misc.InfiniteSampler`); rank r takes the contiguous block r of it and cuts
+it into its rounds of `batch_gpu`, so micro-batch m = r * rounds + k of the
+global batch holds the same images whatever the numbers of ranks and rounds.
+Before each micro-batch the torch generators are seeded from (seed, s, m)
+(`steps.accumulate_gradients`), so its noise, noise levels, edges,
+augmentation and dropout are the same too. Each micro-batch's loss is divided
+by the global batch and DDP sums the gradients (`steps.distributed`). Runs of
+the same global batch on any number of ranks and rounds thus compute the same
+per-micro-batch gradients and differ at most in the rounding of their sum:
+on the CPU, 2 ranks of one round give bitwise the weights of 1 rank of two
+rounds (with the same number of threads per process).
+
 Exact resume: a training state (training/checkpoint.py) holds the network,
 EMA, optimizer and loss states, the images seen, the last finished tick, the
 seed, the batch layout and the generator states of every rank. The data
-order is a function of the seed and the images seen (`misc.InfiniteSampler`),
-so the sampler position is `cur_nimg`. A resumed run is bit-identical to an
-uninterrupted one when it uses the same options, seed, number of ranks and
-`batch_gpu` (and, on GPUs, deterministic kernels); otherwise it continues from
-the same point with fresh generator states.
+order and the random numbers of a step are functions of the seed and the
+images seen, so a resumed run is bit-identical to an uninterrupted one when
+it uses the same options, seed, number of ranks and `batch_gpu` (and, on
+GPUs, deterministic kernels); with another layout it sees the same data and
+random numbers, up to the rounding of the gradient sums.
 """
 
 import contextlib
@@ -378,8 +392,8 @@ def training_loop(
     cur_nimg = int(state['cur_nimg']) if state is not None else 0
     cur_tick = int(state['cur_tick']) + 1 if state is not None else 0
 
-    # Data, in the order of the global image stream.
-    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=cur_nimg)
+    # Data, in the order of the global image stream: each rank takes its contiguous share of every global batch.
+    dataset_sampler = misc.InfiniteSampler(dataset=dataset_obj, rank=rank, num_replicas=world_size, seed=seed, start_idx=cur_nimg, block=batch_gpu_total)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset=dataset_obj, sampler=dataset_sampler, batch_size=batch_gpu, **data_loader_kwargs))
 
     # The network, with a summary on rank 0.
@@ -396,10 +410,7 @@ def training_loop(
     dist.print0('Setting up the optimizer and EMA...')
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-    ddp = net
-    if dist.is_distributed():
-        device_ids = [device] if device.type == 'cuda' else None
-        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
+    ddp = steps.distributed(net, device) if dist.is_distributed() else net
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg is not None else None
 
     # The frozen teacher, in the precision of the network; the weights to start from.
@@ -431,7 +442,8 @@ def training_loop(
         if same_layout:
             set_rng_states(state['rng_states'][rank], device)
         else:
-            dist.print0('The seed, the number of ranks or the batch per rank differs from the saved run: it continues, but not bit-identically.')
+            dist.print0('The number of ranks or the batch per rank differs from the saved run: it continues with the same data and random numbers, '
+                'but its gradient sums may round differently.')
     del inputs, state
 
     divergence_fix = f'lower the learning rate (--lr={optimizer_kwargs["lr"]:g}) or lengthen its warm-up (--lr_rampup), and resume from the last training state'
@@ -502,7 +514,8 @@ def training_loop(
         if hasattr(loss_fn, 'set_progress'):
             loss_fn.set_progress(cur_nimg)
         optimizer.zero_grad(set_to_none=True)
-        steps.accumulate_gradients(ddp, loss_fn, next_batch, num_accumulation_rounds, batch_gpu_total, loss_scaling=loss_scaling, augment_pipe=augment_pipe)
+        steps.accumulate_gradients(ddp, loss_fn, next_batch, num_accumulation_rounds, batch_size, loss_scaling=loss_scaling, augment_pipe=augment_pipe,
+            seed=seed, step=cur_nimg // batch_size, first_index=rank * num_accumulation_rounds)
         lr = steps.learning_rate(base_lr, cur_nimg, lr_rampup_kimg, batch_size=batch_size, decay_batches=lr_decay_batches)
         grad_norm = steps.optimizer_step(net, optimizer, lr, loss_scaling=loss_scaling)
         finite = bool(torch.isfinite(grad_norm))
