@@ -1,28 +1,12 @@
-"""Train diffusion models in the EDM framework, or distil one into a
-multistep consistency student (--consistency=True), on one process or over
-the ranks of `torchrun`.
+"""Train diffusion models in the EDM framework (EDM's and EDM2's networks), or
+distil one into a multistep consistency student (--consistency=True), on one
+process or over the ranks of `torchrun`.
 
-The options become the keyword arguments of training/training_loop.py;
-`training_loop.setup()` reads and checks every file the run starts from
-before any work, and its ValueErrors stop the script with their sentence.
-
-Distillation (cd-spec; decisions where it is silent):
-* The teacher is the `ema` of --teacher (path or URL), frozen, and checked
-  against the data (resolution, channels, classes) before any work starts.
-  It runs in the student's precision (with --fp16 on CUDA, in fp16). A
-  resumed run (the same command line plus --resume) loads it again.
-* The student is built from the usual options. With --student_init=teacher
-  (the default) it starts from the teacher's weights, which requires the
-  same preconditioning class and the same tensor names and shapes.
-  --transfer=PKL instead starts it from that snapshot's `ema` (by name, as in
-  plain training, e.g. a student with a larger S), and excludes
-  --student_init. The evaluation EMA follows --ema and --ema_rampup as in EDM
-  training; the target network's own EMA is --cd_target_ema.
-* Snapshots carry `consistency` = dict(S, student_sigmas), so generate.py
-  samples the student without flags. The run directory's name ends in
-  `-cd<S>`. A resumed run must keep the student grid (--S,
-  --student_sigmas, --sigma_min, --sigma_max, --rho).
-* The options of distillation are refused without --consistency=True.
+The options become the keyword arguments of training/training_loop.py (the
+configurations they name are in training/presets.py); `training_loop.setup()`
+reads and checks every file the run starts from before any work, and its
+ValueErrors stop the script with their sentence. The decisions of
+distillation are in README.md ("Consistency distillation").
 """
 
 import contextlib
@@ -38,39 +22,11 @@ from torch_utils import distributed as dist
 from training import checkpoint
 from training import consistency_ops
 from training import loss_cd
+from training import presets
 from training import training_loop
 
 #----------------------------------------------------------------------------
-# Presets of --arch (EDM's), the classes of --precond, the options of distillation.
-
-ARCH_PRESETS = dict(
-    ddpmpp  = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                   channel_mult_noise=1, resample_filter=[1,1], model_channels=128, channel_mult=[2,2,2]),
-    ncsnpp  = dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                   channel_mult_noise=2, resample_filter=[1,3,3,1], model_channels=128, channel_mult=[2,2,2]),
-    adm     = dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1,2,3,4]),
-    edm2    = dict(model_channels=192, channel_mult=[1,2,3,4]),
-)
-
-AUGMENT_PRESET = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1) # Probability multipliers of --augment.
-
-PRECOND_CLASSES = dict( # --precond -> (network class, loss class); EDM2's network has its own.
-    vp      = ('training.networks.VPPrecond', 'training.loss.VPLoss'),
-    ve      = ('training.networks.VEPrecond', 'training.loss.VELoss'),
-    edm     = ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
-    edm2    = ('training.networks_edm2.Precond', 'training.loss.EDM2Loss'),
-)
-
-EDM2_PRESETS = { # --preset -> the published hyperparameters of EDM2 (Karras et al. 2024), all with --batch=2048.
-    f'edm2-img{res}-{size}': dict(cbase=cbase, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std)
-    for res, decay, P_mean, P_std, sizes in [
-        (64,  35000, -0.8, 1.6, dict(xs=(128, 0.0120, 0), s=(192, 0.0100, 0), m=(256, 0.0090, 0.1), l=(320, 0.0080, 0.1), xl=(384, 0.0070, 0.1))),
-        (512, 70000, -0.4, 1.0, dict(xxs=(64, 0.0170, 0), xs=(128, 0.0120, 0), s=(192, 0.0100, 0), m=(256, 0.0090, 0.1), l=(320, 0.0080, 0.1),
-            xl=(384, 0.0070, 0.1), xxl=(448, 0.0065, 0.1))),
-    ] for size, (cbase, lr, dropout) in sizes.items()
-}
-EDM2_DEFAULTS = dict(precond='edm2', ema=None, dropout=0, augment=0, decay=70000, phema=[0.050, 0.100], P_mean=-0.4, P_std=1.0) # --arch=edm2.
-EDM_DEFAULTS = dict(precond='edm', ema=0.5, dropout=0.13, augment=0.12, decay=0, phema=None) # The EDM architectures.
+# The options of distillation.
 
 CD_LOSS_OPTIONS = dict( # Keyword of ConsistencyDistillLoss -> the option that sets it.
     S='S', T_start='T_start', T_end='T_end', T_anneal_kimg='T_anneal_kimg', T_anneal='T_anneal', rho='rho', sigma_min='sigma_min',
@@ -129,7 +85,7 @@ def apply_defaults(opts, given):
     if opts.preset is not None:
         if 'arch' in given and opts.arch != 'edm2':
             raise click.ClickException(f'--preset={opts.preset} is an EDM2 preset, but --arch={opts.arch}; pass --arch=edm2 or leave --arch out.')
-        preset = dict(EDM2_PRESETS[opts.preset], arch='edm2', batch=2048)
+        preset = dict(presets.EDM2_PRESETS[opts.preset], arch='edm2', batch=2048)
         opts.update({key: value for key, value in preset.items() if key not in given})
         given = set(given) | set(preset)
     if opts.arch == 'edm2' and 'precond' in given:
@@ -139,7 +95,7 @@ def apply_defaults(opts, given):
             raise click.ClickException(f'--{name} applies only to --arch=edm2 (EDM2\'s loss); leave it out.')
     if opts.arch == 'edm2' and 'augment' in given and opts.augment > 0:
         raise click.ClickException(f'--augment={opts.augment:g} is not supported by --arch=edm2 (its network takes no augmentation labels); pass --augment=0.')
-    opts.update({key: value for key, value in (EDM2_DEFAULTS if opts.arch == 'edm2' else EDM_DEFAULTS).items() if key not in given})
+    opts.update({key: value for key, value in presets.FAMILY_DEFAULTS['edm2' if opts.arch == 'edm2' else 'edm'].items() if key not in given})
 
 @contextlib.contextmanager
 def user_errors():
@@ -170,14 +126,14 @@ def training_config(opts, cd_given, device):
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=([0.9, 0.99] if opts.arch == 'edm2' else [0.9, 0.999]), eps=1e-8)
 
     # Network preset, preconditioning and loss; channels, augmentation, dropout, precision.
-    c.network_kwargs = dnnlib.EasyDict(ARCH_PRESETS[opts.arch])
-    c.network_kwargs.class_name, loss_class = PRECOND_CLASSES[opts.precond]
+    c.network_kwargs = dnnlib.EasyDict(presets.ARCH_PRESETS[opts.arch])
+    c.network_kwargs.class_name, loss_class = presets.PRECOND_CLASSES[opts.precond]
     c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
     if opts.arch == 'edm2':
         c.loss_kwargs.update(P_mean=opts.P_mean, P_std=opts.P_std)
     c.network_kwargs.update({key: value for key, value in [('model_channels', opts.cbase), ('channel_mult', opts.cres)] if value is not None})
     if opts.augment > 0:
-        c.augment_kwargs = dnnlib.EasyDict(AUGMENT_PRESET, class_name='training.augment.AugmentPipe', p=opts.augment)
+        c.augment_kwargs = dnnlib.EasyDict(presets.AUGMENT_PRESET, class_name='training.augment.AugmentPipe', p=opts.augment)
         c.network_kwargs.augment_dim = 9 # The pipeline's conditioning labels.
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
 
@@ -287,7 +243,7 @@ def init_wandb(opts, c):
 @click.option('--cond',             help='Condition on the class labels', metavar='BOOL',                     type=bool, default=False, show_default=True)
 @click.option('--arch',             help='Network preset',                                                     type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'edm2']), default='ddpmpp', show_default=True)
 @click.option('--precond',          help='Preconditioning and loss of the EDM architectures  [default: edm]',  type=click.Choice(['vp', 've', 'edm']))
-@click.option('--preset',           help='EDM2\'s published configuration (sets --arch=edm2 and its hyperparameters)', type=click.Choice(list(EDM2_PRESETS)))
+@click.option('--preset',           help='EDM2\'s published configuration (sets --arch=edm2 and its hyperparameters)', type=click.Choice(list(presets.EDM2_PRESETS)))
 
 # Hyperparameters.
 @click.option('--duration',         help='Images to train on, in millions', metavar='MIMG',                    type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)

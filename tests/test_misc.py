@@ -119,5 +119,11 @@ def test_training_stats_moments():
     assert collector.mean('unit/b') == 5.0 # keep_previous
     d = collector.as_dict()
     assert d['unit/a'].num == 1 and d['unit/b'].mean == 5.0
+    training_stats.report('unit/a', torch.tensor([float('nan'), 3.0, float('inf')])) # Non-finite values are left out ...
+    collector.update()
+    assert collector.num('unit/a') == 1 and collector.mean('unit/a') == 3.0
+    training_stats.report('unit/a', 6.0)
+    collector.update()
+    assert collector.mean('unit/a') == 6.0 # ... and spoil no later figure.
 
 #----------------------------------------------------------------------------

@@ -33,16 +33,19 @@ def init_multiprocessing(rank, sync_device):
     _sync_device = sync_device
 
 def report(name, value):
-    """Record the scalars in `value` (a number, array or tensor; may be empty) under `name`.
-    Returns `value` unchanged."""
+    """Record the finite scalars in `value` (a number, array or tensor; may be empty) under
+    `name`; non-finite ones are left out, so that one of them does not turn every later
+    figure into NaN. Returns `value` unchanged."""
     if name not in _counters:
         _counters[name] = dict()
     elems = torch.as_tensor(value)
     if elems.numel() == 0:
         return value
     elems = elems.detach().flatten().to(_counter_dtype)
+    finite = torch.isfinite(elems).to(_counter_dtype)
+    elems = torch.where(finite > 0, elems, 0)
     moments = torch.stack([
-        torch.ones_like(elems).sum(),
+        finite.sum(),
         elems.sum(),
         elems.square().sum(),
     ])
