@@ -59,7 +59,7 @@ workers_option = click.option('--workers', help='Data loader processes per rank'
 @click.option('--images', 'image_path', help='Images to evaluate', metavar='DIR|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path',      help='Reference statistics of the dataset', metavar='NPZ|URL', type=str, required=True)
 @click.option('--num',                  help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed',                 help='Seed that picks the images when there are more', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--seed',                 help='Seed that picks the images when there are more', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @batch_option
 @detector_option
 @workers_option

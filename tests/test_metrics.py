@@ -157,6 +157,9 @@ def test_default_detector_download_failure(tmp_path, monkeypatch):
         metrics.load_detector(num_attempts=1, verbose=False)
     assert str(info.value) == ('The Inception-v3 detector could not be downloaded from http://127.0.0.1:9/x.pkl; download it by other '
         'means and pass the local file with --detector=PATH, or use --detector=pixels for the weight-free FD-pixels.')
+    metrics._detector_cache.clear() # pylint: disable=protected-access
+    with pytest.raises(ValueError, match=r'pass the local file with --val_detector=PATH, or use --val_detector=pixels'): # As train.py names it.
+        metrics.load_detector(num_attempts=1, verbose=False, option='--val_detector')
 
 def test_default_detector_comes_from_the_download_cache(tmp_path, monkeypatch):
     url = 'http://127.0.0.1:9/inception-copy.pkl'

@@ -110,6 +110,7 @@ def load_detector(
     cache_dir   = None,             # Download cache, None = dnnlib's default.
     num_attempts= 10,               # Download attempts before giving up.
     verbose     = True,             # Report downloads on rank 0?
+    option      = '--detector',     # The option that named the detector, for the messages.
 ):
     """Load a detector once per process; rank 0 downloads first, the others then read the cache."""
     name = detector_name(detector)
@@ -120,7 +121,7 @@ def load_detector(
         result = Detector(name, PixelDetector().to(device), device)
     else:
         with dist.rank0_first():
-            net = _load_network(name, cache_dir=cache_dir, num_attempts=num_attempts, verbose=(verbose and dist.get_rank() == 0))
+            net = _load_network(name, cache_dir=cache_dir, num_attempts=num_attempts, verbose=(verbose and dist.get_rank() == 0), option=option)
         if isinstance(net, torch.nn.Module):
             net.eval().requires_grad_(False)
         if hasattr(net, 'to'):
@@ -129,9 +130,9 @@ def load_detector(
     _detector_cache[key] = result
     return result
 
-def _load_network(name, cache_dir, num_attempts, verbose):
+def _load_network(name, cache_dir, num_attempts, verbose, option):
     url = INCEPTION_URL if name == INCEPTION_NAME else name
-    offline = f'download it by other means and pass the local file with --detector=PATH, or use --detector={PIXELS_NAME} for the weight-free FD-pixels'
+    offline = f'download it by other means and pass the local file with {option}=PATH, or use {option}={PIXELS_NAME} for the weight-free FD-pixels'
     try:
         f = dnnlib.util.open_url(url, cache_dir=cache_dir, num_attempts=num_attempts, verbose=verbose)
     except OSError as err:

@@ -103,7 +103,7 @@ def check_options(image_shape, device='cpu', func_name=None, **kwargs):
     opts = _parse_options(**{**defaults, **kwargs})
     if opts.num == 0:
         return
-    det = metrics.load_detector(opts.detector, device=device)
+    det = metrics.load_detector(opts.detector, device=device, option='--val_detector')
     dim = det.feature_dim(image_shape)
     if opts.ref is not None:
         dist.on_rank0(lambda: _load_ref(opts.ref, det, dim))
@@ -300,7 +300,7 @@ def validate(
     # Detector and reference statistics.
     det, fd_name, ref_stats = None, None, None
     if opts.num > 0:
-        det = metrics.load_detector(opts.detector, device=device)
+        det = metrics.load_detector(opts.detector, device=device, option='--val_detector')
         dim = det.feature_dim(image_shape)
         fd_name = 'fd_pixels' if det.is_pixels else 'fid'
         ref_stats = _reference(opts, det, dim, image_shape, run_dir)
