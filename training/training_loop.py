@@ -61,7 +61,9 @@ order and the random numbers of a step are functions of the seed and the
 images seen, so a resumed run is bit-identical to an uninterrupted one when
 it uses the same options, seed, number of ranks and `batch_gpu` (and, on
 GPUs, deterministic kernels); with another layout it sees the same data and
-random numbers, up to the rounding of the gradient sums.
+random numbers, up to the rounding of the gradient sums. A training state also
+holds the settings of its run (`run_settings`) and a content hash of the
+teacher: setup() lists the changes in RESUME_KEEPS and refuses all others.
 """
 
 import contextlib
