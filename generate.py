@@ -176,6 +176,9 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
                 f'(the network supports {net_min} to {net_max}); choose --sigma_min below --sigma_max.')
         desc = f'{sampler} sampler, {num_steps} steps, {2 * num_steps - 1 if sampler == "heun" else num_steps} network evaluations'
         desc += guidance_lib.describe_text(gnet_pkl, guidance)
+        note = samplers.noise_range_note(guidance_lib.unwrap(net), grid='the noise levels of --sigma_min, --sigma_max and --steps')
+        if note is not None:
+            dist.print0(note)
 
     # Divide the seeds among the processes in equal numbers of batches.
     world = dist.get_world_size()

@@ -7,6 +7,8 @@ probe check; guided distillation resumes bit-identically; bad input."""
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
@@ -16,7 +18,7 @@ from click.testing import CliRunner
 
 import generate
 import train
-from _train_helpers import invoke, run_dirs
+from _train_helpers import ROOT, invoke, run_dirs, subprocess_env
 from training import checkpoint
 from training import networks_edm2
 from test_persistence_edm2 import NETWORK_SRC, edm2_form # pylint: disable=wrong-import-order
@@ -89,7 +91,7 @@ def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_te
     text = train_ok(f'--outdir={tmp_path}', f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001')
     run_dir, = run_dirs(str(tmp_path))
     assert os.path.basename(run_dir) == '00000-rgb8-uncond-teacher-edm2-gpus1-batch500-fp32-cd2'
-    assert 'has no sigma_min, sigma_max, round_sigma: the distillation uses the noise levels of its grids' in text
+    assert 'The teacher (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of the distillation\'s grids (--sigma_min, --sigma_max) are used without rounding.' in text
     assert 'keeps the code embedded' not in text and "Network:          the teacher's architecture (training.networks_edm2.Precond), float32" in text
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)
@@ -114,6 +116,11 @@ def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_te
     text, images = generate_ok(os.path.join(run_dir, 'network-snapshot-0000000-0.100.pkl'), tmp_path / 'out')
     assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3) and images.std() > 0
 
+    # The teacher with EDM's sampler: its grid without rounding, said once.
+    result = CliRunner().invoke(generate.main, [f'--network={edm2_teacher}', f'--outdir={tmp_path / "heun"}', '--seeds=0', '--steps=2', '--device=cpu'])
+    assert result.exit_code == 0, result.output
+    assert result.output.count('The network (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of --sigma_min, --sigma_max and --steps are used') == 1
+
 def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_path, rgb8, one_thread):
     train_ok(f'--outdir={tmp_path / "teacher"}', '--nosubdir', f'--data={rgb8}', '--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0',
         '--dropout=0.05', *RUN, '--duration=0.001')
@@ -133,6 +140,23 @@ def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_
     assert first.state_dict().keys() == teacher.state_dict().keys() and all(torch.equal(v, teacher.state_dict()[k]) for k, v in first.state_dict().items())
     text, images = generate_ok(os.path.join(run_dir, 'network-snapshot-000000.pkl'), tmp_path / 'out')
     assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3)
+
+def test_edm2_student_trains_on_two_ranks_like_on_one(tmp_path, rgb8, edm2_teacher, one_thread):
+    """DDP needs a gradient for every trained parameter: the uncertainty head, which the distillation never
+    uses, is frozen (loss_fn.frozen_parameters). 2 gloo ranks give the weights of 1 rank of 2 rounds up to
+    rounding (not bitwise: forced weight normalization runs once per round, so twice on the one rank)."""
+    args = [f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001', '--batch-gpu=250']
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', f'--outdir={tmp_path / "two"}', *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_ok(f'--outdir={tmp_path / "one"}', *args)
+    two, one = (torch.load(os.path.join(run_dirs(str(tmp_path / name))[0], 'training-state-000001.pt'), weights_only=False) for name in ('two', 'one'))
+    assert two['world_size'] == 2 and one['world_size'] == 1
+    assert two['net'].keys() == one['net'].keys()
+    for name, value in one['net'].items():
+        torch.testing.assert_close(two['net'][name], value, rtol=0, atol=1e-5)
+    teacher = load(edm2_teacher)['ema'].state_dict()
+    assert torch.equal(one['net']['logvar_linear.weight'], teacher['logvar_linear.weight'].to(torch.float32)) # Not trained.
 
 #----------------------------------------------------------------------------
 # Must-show 3: the teacher on the project's implementation of its class.

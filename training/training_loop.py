@@ -15,11 +15,15 @@ Hooks for other losses and for in-training evaluation, all optional:
   `loss_fn.update_target(net)` after it, when the loss has these methods.
 * `loss_fn.state_dict()` / `loss_fn.load_state_dict(state)`, when present,
   carry the loss's own state through training states (exact resume).
+* `loss_fn.frozen_parameters(net)`, when present, names parameters that the
+  loss never uses; they are not trained (no gradient, which DDP requires).
 * `loss_fn` is pickled into every snapshot; a loss that must not carry a
   member (a teacher network) drops it in its own `__getstate__`.
 * `snapshot_extras` adds entries to every snapshot.
 * `teacher_pkl` loads a snapshot's `ema` as a frozen teacher (eval mode, no
-  gradients, on the device) and hands it to `loss_fn.set_teacher()`; the
+  gradients, on the device; `load_teacher()`: on the project's class of a
+  pickle's network, guided by `gnet_pkl` with weight `guidance` when given)
+  and hands it to `loss_fn.set_teacher()`; the
   teacher runs in the precision of the trained network (its `use_fp16` is set
   to network_kwargs' `use_fp16`, which takes effect on CUDA). A resumed run
   loads it again from the same path. A `resume_pkl` equal to `teacher_pkl`
@@ -86,6 +90,7 @@ from torch_utils import training_stats
 from training import checkpoint
 from training import guidance as guidance_lib
 from training import phema
+from training import samplers
 from training import steps
 
 #----------------------------------------------------------------------------
@@ -169,10 +174,9 @@ def load_teacher(teacher_pkl, gnet_pkl=None, guidance=None):
     guidance_lib.check_guidance(gnet_pkl, guidance)
     dist.print0(f'Loading the teacher "{teacher_pkl}"...')
     net = checkpoint.on_project_class(_load_network(teacher_pkl, '--teacher'))
-    missing = [name for name in ('sigma_min', 'sigma_max', 'round_sigma') if not hasattr(net, name)]
-    if missing:
-        dist.print0(f'The teacher ({type(net).__name__}) has no {", ".join(missing)}: the distillation uses the noise levels of its grids '
-            f'(--sigma_min, --sigma_max) without rounding.')
+    note = samplers.noise_range_note(net, 'The teacher', 'the noise levels of the distillation\'s grids (--sigma_min, --sigma_max)')
+    if note is not None:
+        dist.print0(note)
     if gnet_pkl is None:
         return net.eval().requires_grad_(False)
     dist.print0(f'Loading the guide "{gnet_pkl}" (guidance {guidance:g})...')
@@ -428,6 +432,9 @@ def training_loop(
     interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
+    frozen = set(loss_fn.frozen_parameters(net) if hasattr(loss_fn, 'frozen_parameters') else [])
+    for name, param in net.named_parameters():
+        param.requires_grad_(name not in frozen) # DDP expects no gradient of a frozen parameter.
     if rank == 0:
         with torch.no_grad():
             example = [torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]), torch.ones([batch_gpu]), torch.zeros([batch_gpu, net.label_dim])]
