@@ -20,7 +20,11 @@ import generate
 import train
 from _train_helpers import ROOT, invoke, run_dirs, subprocess_env
 from training import checkpoint
+from training import guidance
 from training import networks_edm2
+from training import training_loop
+from training.loss_cd import ConsistencyDistillLoss
+from training.networks import EDMPrecond
 from test_persistence_edm2 import NETWORK_SRC, edm2_form # pylint: disable=wrong-import-order
 
 RUN = ['--batch=500', '--tick=1', '--snap=1', '--dump=1', '--seed=1', '--workers=0', '--lr_rampup=0', '--device=cpu']
@@ -158,6 +162,14 @@ def test_edm2_student_trains_on_two_ranks_like_on_one(tmp_path, rgb8, edm2_teach
     teacher = load(edm2_teacher)['ema'].state_dict()
     assert torch.equal(one['net']['logvar_linear.weight'], teacher['logvar_linear.weight'].to(torch.float32)) # Not trained.
 
+def test_layers_the_distillation_never_uses_are_frozen():
+    names = lambda net: [name for name, _param in net.named_parameters()]
+    edm2 = ConsistencyDistillLoss().frozen_parameters(edm2_net(seed=0))
+    assert edm2 == [name for name in names(edm2_net(seed=0)) if name.startswith('logvar_')] and edm2 # EDM2's uncertainty head.
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1, augment_dim=9)
+    assert ConsistencyDistillLoss().frozen_parameters(net) == ['model.map_augment.weight'] # No augmentation labels without a pipeline.
+    assert ConsistencyDistillLoss().frozen_parameters(net, augment_pipe=object()) == []
+
 #----------------------------------------------------------------------------
 # Must-show 3: the teacher on the project's implementation of its class.
 
@@ -203,6 +215,20 @@ def test_guided_distillation_resumes_bit_identically(tmp_path, rgb8, edm2_teache
     assert a['teacher_digest'] == c['teacher_digest'] and a['settings']['guidance'] == 1.5 and a['settings']['gnet_pkl'] == gnet
     snapshot = load(os.path.join(dir_c, 'network-snapshot-0000002-0.050.pkl'))
     assert snapshot['consistency']['guidance'] == dict(weight=1.5, gnet=gnet) # What the student learned.
+
+def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb8, edm2_teacher, one_thread):
+    gnet = write(tmp_path / 'guide.pkl', dict(ema=edm2_net(seed=2, scale=1)))
+    kwargs = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=rgb8), network_kwargs=dict(class_name='training.networks_edm2.Precond',
+        **EDM2_KWARGS), loss_kwargs=dict(class_name='training.loss_cd.ConsistencyDistillLoss', S=2, T_start=4, T_end=4), batch_size=8, teacher_pkl=edm2_teacher,
+        resume_pkl=edm2_teacher, device=torch.device('cpu'))
+    plain = training_loop.setup(**kwargs)
+    guided = training_loop.setup(**kwargs, gnet_pkl=gnet, guidance=2.5)
+    teacher = guided.loss_fn.teacher # What the Heun hops, the teacher target and validation's teacher figures evaluate.
+    assert isinstance(teacher, guidance.GuidedDenoiser) and teacher.guidance == 2.5 and not teacher.training
+    assert type(teacher.net) is networks_edm2.Precond and type(teacher.gnet) is networks_edm2.Precond # Both on the project's class.
+    assert guided.init_net is teacher.net and guided.teacher_digest != plain.teacher_digest
+    expected = outputs(teacher.gnet) + 2.5 * (outputs(teacher.net) - outputs(teacher.gnet))
+    torch.testing.assert_close(outputs(teacher), expected, rtol=0, atol=1e-5)
 
 #----------------------------------------------------------------------------
 # Bad input: one sentence each.

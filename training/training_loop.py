@@ -15,8 +15,9 @@ Hooks for other losses and for in-training evaluation, all optional:
   `loss_fn.update_target(net)` after it, when the loss has these methods.
 * `loss_fn.state_dict()` / `loss_fn.load_state_dict(state)`, when present,
   carry the loss's own state through training states (exact resume).
-* `loss_fn.frozen_parameters(net)`, when present, names parameters that the
-  loss never uses; they are not trained (no gradient, which DDP requires).
+* `loss_fn.frozen_parameters(net, augment_pipe)`, when present, names
+  parameters that the loss never uses; they are not trained (no gradient,
+  which DDP requires).
 * `loss_fn` is pickled into every snapshot; a loss that must not carry a
   member (a teacher network) drops it in its own `__getstate__`.
 * `snapshot_extras` adds entries to every snapshot.
@@ -432,9 +433,6 @@ def training_loop(
     interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
     net.train().requires_grad_(True).to(device)
-    frozen = set(loss_fn.frozen_parameters(net) if hasattr(loss_fn, 'frozen_parameters') else [])
-    for name, param in net.named_parameters():
-        param.requires_grad_(name not in frozen) # DDP expects no gradient of a frozen parameter.
     if rank == 0:
         with torch.no_grad():
             example = [torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]), torch.ones([batch_gpu]), torch.zeros([batch_gpu, net.label_dim])]
@@ -444,6 +442,9 @@ def training_loop(
     dist.print0('Setting up the optimizer and EMA...')
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+    frozen = set(loss_fn.frozen_parameters(net, augment_pipe) if hasattr(loss_fn, 'frozen_parameters') else [])
+    for name, param in net.named_parameters():
+        param.requires_grad_(name not in frozen) # DDP expects a gradient of every parameter that requires one.
     ddp = steps.distributed(net, device) if dist.is_distributed() else net
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg is not None else None
 
