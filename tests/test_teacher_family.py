@@ -7,8 +7,7 @@ probe check; guided distillation resumes bit-identically; bad input."""
 import json
 import os
 import pickle
-import subprocess
-import sys
+import socket
 
 import numpy as np
 import PIL.Image
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 
 import generate
 import train
-from _train_helpers import ROOT, invoke, run_dirs, subprocess_env
+from _train_helpers import invoke, run_dirs
 from training import checkpoint
 from training import guidance
 from training import networks_edm2
@@ -61,11 +60,18 @@ def train_ok(*args):
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result.output
 
-def generate_ok(network, outdir):
+def generate_ok(network, outdir, monkeypatch):
+    """generate.py on 4 seeds with no sampler options: its output, the images and the noise levels of every network evaluation."""
+    sigmas, load_snapshot = [], checkpoint.load_snapshot
+    def load_counting(path):
+        data = load_snapshot(path)
+        data['ema'].register_forward_pre_hook(lambda _module, args: sigmas.append(float(torch.as_tensor(args[1]).flatten()[0])))
+        return data
+    monkeypatch.setattr(checkpoint, 'load_snapshot', load_counting)
     result = CliRunner().invoke(generate.main, [f'--network={network}', f'--outdir={outdir}', '--seeds=0-3', '--device=cpu'])
     assert result.exit_code == 0, result.output + repr(result.exception)
     images = np.stack([np.asarray(PIL.Image.open(os.path.join(outdir, f'{seed:06d}.png'))) for seed in range(4)])
-    return result.output, images
+    return result.output, images, sigmas
 
 def outputs(net, seed=0, label_dim=0):
     gen = torch.Generator().manual_seed(seed)
@@ -91,7 +97,7 @@ def edm2_teacher(tmp_path_factory):
 #----------------------------------------------------------------------------
 # Must-show 1: distillation of an EDM2 and an EDM teacher with no architecture flags.
 
-def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_teacher, one_thread):
+def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_teacher, one_thread, monkeypatch):
     text = train_ok(f'--outdir={tmp_path}', f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001')
     run_dir, = run_dirs(str(tmp_path))
     assert os.path.basename(run_dir) == '00000-rgb8-uncond-teacher-edm2-gpus1-batch500-fp32-cd2'
@@ -117,15 +123,16 @@ def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_te
             assert torch.allclose(rms, torch.ones_like(rms), atol=0.02), (name, rms)
 
     # generate.py samples the student in S = 2 steps, with no sampler flags.
-    text, images = generate_ok(os.path.join(run_dir, 'network-snapshot-0000000-0.100.pkl'), tmp_path / 'out')
+    text, images, sigmas = generate_ok(os.path.join(run_dir, 'network-snapshot-0000000-0.100.pkl'), tmp_path / 'out', monkeypatch)
     assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3) and images.std() > 0
+    assert sigmas == pytest.approx(first['consistency']['student_sigmas'][:2]) # S = 2 evaluations, at the student's noise levels.
 
     # The teacher with EDM's sampler: its grid without rounding, said once.
     result = CliRunner().invoke(generate.main, [f'--network={edm2_teacher}', f'--outdir={tmp_path / "heun"}', '--seeds=0', '--steps=2', '--device=cpu'])
     assert result.exit_code == 0, result.output
     assert result.output.count('The network (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of --sigma_min, --sigma_max and --steps are used') == 1
 
-def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_path, rgb8, one_thread):
+def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_path, rgb8, one_thread, monkeypatch):
     train_ok(f'--outdir={tmp_path / "teacher"}', '--nosubdir', f'--data={rgb8}', '--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0',
         '--dropout=0.05', *RUN, '--duration=0.001')
     teacher_pkl = str(tmp_path / 'teacher' / 'network-snapshot-000000.pkl')
@@ -142,25 +149,29 @@ def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_
     assert options['resume_pkl'] == teacher_pkl and 'augment_kwargs' not in options
     first = load(os.path.join(run_dir, 'network-snapshot-000000.pkl'))['ema']
     assert first.state_dict().keys() == teacher.state_dict().keys() and all(torch.equal(v, teacher.state_dict()[k]) for k, v in first.state_dict().items())
-    text, images = generate_ok(os.path.join(run_dir, 'network-snapshot-000000.pkl'), tmp_path / 'out')
-    assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3)
+    text, images, sigmas = generate_ok(os.path.join(run_dir, 'network-snapshot-000001.pkl'), tmp_path / 'out', monkeypatch)
+    assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3) and images.std() > 0
+    assert sigmas == pytest.approx(load(os.path.join(run_dir, 'network-snapshot-000001.pkl'))['consistency']['student_sigmas'][:2])
 
-def test_edm2_student_trains_on_two_ranks_like_on_one(tmp_path, rgb8, edm2_teacher, one_thread):
-    """DDP needs a gradient for every trained parameter: the uncertainty head, which the distillation never
-    uses, is frozen (loss_fn.frozen_parameters). 2 gloo ranks give the weights of 1 rank of 2 rounds up to
-    rounding (not bitwise: forced weight normalization runs once per round, so twice on the one rank)."""
-    args = [f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001', '--batch-gpu=250']
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', f'--outdir={tmp_path / "two"}', *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train_ok(f'--outdir={tmp_path / "one"}', *args)
-    two, one = (torch.load(os.path.join(run_dirs(str(tmp_path / name))[0], 'training-state-000001.pt'), weights_only=False) for name in ('two', 'one'))
-    assert two['world_size'] == 2 and one['world_size'] == 1
-    assert two['net'].keys() == one['net'].keys()
-    for name, value in one['net'].items():
-        torch.testing.assert_close(two['net'][name], value, rtol=0, atol=1e-5)
+def test_edm2_student_trains_under_ddp(tmp_path, rgb8, edm2_teacher, one_thread, monkeypatch):
+    """DDP needs a gradient of every parameter that requires one, so the uncertainty head, which the distillation
+    never uses, is frozen (loss_fn.frozen_parameters): a one-rank gloo group (DDP's checks, in this process) trains
+    as a plain process does, bit for bit; without the freezing DDP stops at the second step."""
+    args = [f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001']
+    train_ok(f'--outdir={tmp_path / "plain"}', *args)
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    for name, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR='127.0.0.1', MASTER_PORT=port).items():
+        monkeypatch.setenv(name, str(value))
+    train_ok(f'--outdir={tmp_path / "ddp"}', *args)
+    plain, ddp = (torch.load(os.path.join(run_dirs(str(tmp_path / name))[0], 'training-state-000001.pt'), weights_only=False) for name in ('plain', 'ddp'))
+    assert plain['net'].keys() == ddp['net'].keys() and all(torch.equal(plain['net'][k], ddp['net'][k]) for k in plain['net'])
     teacher = load(edm2_teacher)['ema'].state_dict()
-    assert torch.equal(one['net']['logvar_linear.weight'], teacher['logvar_linear.weight'].to(torch.float32)) # Not trained.
+    assert torch.equal(ddp['net']['logvar_linear.weight'], teacher['logvar_linear.weight'].to(torch.float32)) # Not trained.
+    monkeypatch.setattr(ConsistencyDistillLoss, 'frozen_parameters', lambda self, net, augment_pipe=None: [])
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "unfrozen"}', *args])
+    assert result.exit_code != 0 and 'parameters that were not used in producing loss' in str(result.exception)
 
 def test_layers_the_distillation_never_uses_are_frozen():
     names = lambda net: [name for name, _param in net.named_parameters()]
