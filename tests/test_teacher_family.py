@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import generate
 import train
 from _train_helpers import invoke, run_dirs
@@ -172,6 +173,18 @@ def test_edm2_student_trains_under_ddp(tmp_path, rgb8, edm2_teacher, one_thread,
     monkeypatch.setattr(ConsistencyDistillLoss, 'frozen_parameters', lambda self, net, augment_pipe=None: [])
     result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "unfrozen"}', *args])
     assert result.exit_code != 0 and 'parameters that were not used in producing loss' in str(result.exception)
+
+@pytest.mark.parametrize('precond', ['VPPrecond', 'VEPrecond'])
+def test_vp_and_ve_teachers_need_no_architecture_flags(tmp_path, rgb8, precond):
+    net = dnnlib.util.construct_class_by_name(class_name=f'training.networks.{precond}', img_resolution=8, img_channels=3, label_dim=0,
+        model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1)
+    teacher = write(tmp_path / 'teacher.pkl', dict(ema=net))
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', f'--data={rgb8}', f'--teacher={teacher}', *RUN, *CD, '--dry-run'])
+    assert result.exit_code == 0, result.output
+    options = json.loads(result.output[result.output.index('Training options:') + len('Training options:'):result.output.index('Run directory:')])
+    assert options['network_kwargs'] == dict(class_name=f'training.networks.{precond}', model_type='SongUNet', model_channels=16, channel_mult=[1],
+        num_blocks=1, use_fp16=False)
+    assert options['resume_pkl'] == teacher and f'-uncond-teacher-{precond[:2].lower()}-gpus1-' in options['run_dir']
 
 def test_layers_the_distillation_never_uses_are_frozen():
     names = lambda net: [name for name, _param in net.named_parameters()]
