@@ -34,7 +34,7 @@ EDM2_KWARGS = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resol
 #----------------------------------------------------------------------------
 # Helpers and fixtures.
 
-def edm2_net(seed, img_resolution=8, img_channels=3, label_dim=0, scale=3):
+def edm2_net(seed, img_resolution=4, img_channels=3, label_dim=0, scale=3):
     """A small EDM2 Precond with random weights, `scale` times the unit magnitude that forced weight normalization gives."""
     torch.manual_seed(seed)
     net = networks_edm2.Precond(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **EDM2_KWARGS).eval()
@@ -82,13 +82,13 @@ def outputs(net, seed=0, label_dim=0):
         return net.to(torch.float32)(x * 2, torch.tensor([0.01, 0.3, 2.0, 50.0]), labels)
 
 @pytest.fixture(scope='module')
-def rgb8(tmp_path_factory):
-    """16 random RGB images of 8x8."""
-    path = tmp_path_factory.mktemp('rgb8') / 'rgb8'
+def rgb4(tmp_path_factory):
+    """16 random RGB images of 4x4."""
+    path = tmp_path_factory.mktemp('rgb4') / 'rgb4'
     path.mkdir()
     rnd = np.random.RandomState(0)
     for idx in range(16):
-        PIL.Image.fromarray(rnd.randint(0, 256, [8, 8, 3]).astype(np.uint8)).save(path / f'img{idx:02d}.png')
+        PIL.Image.fromarray(rnd.randint(0, 256, [4, 4, 3]).astype(np.uint8)).save(path / f'img{idx:02d}.png')
     return str(path)
 
 @pytest.fixture(scope='module')
@@ -98,10 +98,10 @@ def edm2_teacher(tmp_path_factory):
 #----------------------------------------------------------------------------
 # Must-show 1: distillation of an EDM2 and an EDM teacher with no architecture flags.
 
-def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_teacher, one_thread, monkeypatch):
-    text = train_ok(f'--outdir={tmp_path}', f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001')
+def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb4, edm2_teacher, one_thread, monkeypatch):
+    text = train_ok(f'--outdir={tmp_path}', f'--data={rgb4}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001')
     run_dir, = run_dirs(str(tmp_path))
-    assert os.path.basename(run_dir) == '00000-rgb8-uncond-teacher-edm2-gpus1-batch500-fp32-cd2'
+    assert os.path.basename(run_dir) == '00000-rgb4-uncond-teacher-edm2-gpus1-batch500-fp32-cd2'
     assert 'The teacher (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of the distillation\'s grids (--sigma_min, --sigma_max) are used without rounding.' in text
     assert 'keeps the code embedded' not in text and "Network:          the teacher's architecture (training.networks_edm2.Precond), float32" in text
     with open(os.path.join(run_dir, 'training_options.json')) as f:
@@ -125,7 +125,7 @@ def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_te
 
     # generate.py samples the student in S = 2 steps, with no sampler flags.
     text, images, sigmas = generate_ok(os.path.join(run_dir, 'network-snapshot-0000000-0.100.pkl'), tmp_path / 'out', monkeypatch)
-    assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3) and images.std() > 0
+    assert 'student sampler, S=2' in text and images.shape == (4, 4, 4, 3) and images.std() > 0
     assert sigmas == pytest.approx(first['consistency']['student_sigmas'][:2]) # S = 2 evaluations, at the student's noise levels.
 
     # The teacher with EDM's sampler: its grid without rounding, said once.
@@ -133,14 +133,14 @@ def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_te
     assert result.exit_code == 0, result.output
     assert result.output.count('The network (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of --sigma_min, --sigma_max and --steps are used') == 1
 
-def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_path, rgb8, one_thread, monkeypatch):
-    train_ok(f'--outdir={tmp_path / "teacher"}', '--nosubdir', f'--data={rgb8}', '--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0',
+def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_path, rgb4, one_thread, monkeypatch):
+    train_ok(f'--outdir={tmp_path / "teacher"}', '--nosubdir', f'--data={rgb4}', '--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0',
         '--dropout=0.05', *RUN, '--duration=0.001')
     teacher_pkl = str(tmp_path / 'teacher' / 'network-snapshot-000000.pkl')
     teacher = load(teacher_pkl)['ema']
-    train_ok(f'--outdir={tmp_path / "cd"}', f'--data={rgb8}', f'--teacher={teacher_pkl}', *RUN, *CD, '--duration=0.001')
+    train_ok(f'--outdir={tmp_path / "cd"}', f'--data={rgb4}', f'--teacher={teacher_pkl}', *RUN, *CD, '--duration=0.001')
     run_dir, = run_dirs(str(tmp_path / 'cd'))
-    assert os.path.basename(run_dir) == '00000-rgb8-uncond-teacher-edm-gpus1-batch500-fp32-cd2'
+    assert os.path.basename(run_dir) == '00000-rgb4-uncond-teacher-edm-gpus1-batch500-fp32-cd2'
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)
     expected = dict(teacher.init_kwargs, class_name='training.networks.EDMPrecond')
@@ -151,14 +151,14 @@ def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_
     first = load(os.path.join(run_dir, 'network-snapshot-000000.pkl'))['ema']
     assert first.state_dict().keys() == teacher.state_dict().keys() and all(torch.equal(v, teacher.state_dict()[k]) for k, v in first.state_dict().items())
     text, images, sigmas = generate_ok(os.path.join(run_dir, 'network-snapshot-000001.pkl'), tmp_path / 'out', monkeypatch)
-    assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3) and images.std() > 0
+    assert 'student sampler, S=2' in text and images.shape == (4, 4, 4, 3) and images.std() > 0
     assert sigmas == pytest.approx(load(os.path.join(run_dir, 'network-snapshot-000001.pkl'))['consistency']['student_sigmas'][:2])
 
-def test_edm2_student_trains_under_ddp(tmp_path, rgb8, edm2_teacher, one_thread, monkeypatch):
+def test_edm2_student_trains_under_ddp(tmp_path, rgb4, edm2_teacher, one_thread, monkeypatch):
     """DDP needs a gradient of every parameter that requires one, so the uncertainty head, which the distillation
     never uses, is frozen (loss_fn.frozen_parameters): a one-rank gloo group (DDP's checks, in this process) trains
     as a plain process does, bit for bit; without the freezing DDP stops at the second step."""
-    args = [f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001']
+    args = [f'--data={rgb4}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001']
     train_ok(f'--outdir={tmp_path / "plain"}', *args)
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
@@ -175,11 +175,11 @@ def test_edm2_student_trains_under_ddp(tmp_path, rgb8, edm2_teacher, one_thread,
     assert result.exit_code != 0 and 'parameters that were not used in producing loss' in str(result.exception)
 
 @pytest.mark.parametrize('precond', ['VPPrecond', 'VEPrecond'])
-def test_vp_and_ve_teachers_need_no_architecture_flags(tmp_path, rgb8, precond):
-    net = dnnlib.util.construct_class_by_name(class_name=f'training.networks.{precond}', img_resolution=8, img_channels=3, label_dim=0,
+def test_vp_and_ve_teachers_need_no_architecture_flags(tmp_path, rgb4, precond):
+    net = dnnlib.util.construct_class_by_name(class_name=f'training.networks.{precond}', img_resolution=4, img_channels=3, label_dim=0,
         model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1)
     teacher = write(tmp_path / 'teacher.pkl', dict(ema=net))
-    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', f'--data={rgb8}', f'--teacher={teacher}', *RUN, *CD, '--dry-run'])
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', f'--data={rgb4}', f'--teacher={teacher}', *RUN, *CD, '--dry-run'])
     assert result.exit_code == 0, result.output
     options = json.loads(result.output[result.output.index('Training options:') + len('Training options:'):result.output.index('Run directory:')])
     assert options['network_kwargs'] == dict(class_name=f'training.networks.{precond}', model_type='SongUNet', model_channels=16, channel_mult=[1],
@@ -190,7 +190,7 @@ def test_layers_the_distillation_never_uses_are_frozen():
     names = lambda net: [name for name, _param in net.named_parameters()]
     edm2 = ConsistencyDistillLoss().frozen_parameters(edm2_net(seed=0))
     assert edm2 == [name for name in names(edm2_net(seed=0)) if name.startswith('logvar_')] and edm2 # EDM2's uncertainty head.
-    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1, augment_dim=9)
+    net = EDMPrecond(img_resolution=4, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1, augment_dim=9)
     assert ConsistencyDistillLoss().frozen_parameters(net) == ['model.map_augment.weight'] # No augmentation labels without a pipeline.
     assert ConsistencyDistillLoss().frozen_parameters(net, augment_pipe=object()) == []
 
@@ -219,9 +219,9 @@ def test_teacher_of_embedded_code_runs_on_the_projects_class(tmp_path):
 #----------------------------------------------------------------------------
 # Must-show 5: a guided distillation resumes bit-identically.
 
-def test_guided_distillation_resumes_bit_identically(tmp_path, rgb8, edm2_teacher, one_thread):
+def test_guided_distillation_resumes_bit_identically(tmp_path, rgb4, edm2_teacher, one_thread):
     gnet = write(tmp_path / 'guide.pkl', dict(ema=edm2_net(seed=2, scale=1)))
-    args = [f'--data={rgb8}', f'--teacher={edm2_teacher}', f'--gnet={gnet}', '--guidance=1.5', *RUN, *CD, '--cd_target_mode=teacher']
+    args = [f'--data={rgb4}', f'--teacher={edm2_teacher}', f'--gnet={gnet}', '--guidance=1.5', *RUN, *CD, '--cd_target_mode=teacher']
     text = train_ok(f'--outdir={tmp_path / "a"}', *args, '--duration=0.002')
     assert f'guided by "{gnet}" (guidance 1.5)' in text
     train_ok(f'--outdir={tmp_path / "bc"}', *args, '--duration=0.001', '--desc=b')
@@ -240,9 +240,9 @@ def test_guided_distillation_resumes_bit_identically(tmp_path, rgb8, edm2_teache
     snapshot = load(os.path.join(dir_c, 'network-snapshot-0000002-0.050.pkl'))
     assert snapshot['consistency']['guidance'] == dict(weight=1.5, gnet=gnet) # What the student learned.
 
-def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb8, edm2_teacher, one_thread):
+def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb4, edm2_teacher, one_thread):
     gnet = write(tmp_path / 'guide.pkl', dict(ema=edm2_net(seed=2, scale=1)))
-    kwargs = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=rgb8), network_kwargs=dict(class_name='training.networks_edm2.Precond',
+    kwargs = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=rgb4), network_kwargs=dict(class_name='training.networks_edm2.Precond',
         **EDM2_KWARGS), loss_kwargs=dict(class_name='training.loss_cd.ConsistencyDistillLoss', S=2, T_start=4, T_end=4), batch_size=8, teacher_pkl=edm2_teacher,
         resume_pkl=edm2_teacher, device=torch.device('cpu'))
     plain = training_loop.setup(**kwargs)
@@ -257,9 +257,9 @@ def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb8, 
 #----------------------------------------------------------------------------
 # Bad input: one sentence each.
 
-def test_bad_guides_and_teachers(tmp_path, rgb8, edm2_teacher):
-    base = [f'--outdir={tmp_path / "out"}', f'--data={rgb8}', *RUN, *CD, f'--teacher={edm2_teacher}']
-    for kwargs, what in [(dict(img_resolution=16), 'has resolution 16, but the guided network has 8; pass a guide of the network\'s resolution.'),
+def test_bad_guides_and_teachers(tmp_path, rgb4, edm2_teacher):
+    base = [f'--outdir={tmp_path / "out"}', f'--data={rgb4}', *RUN, *CD, f'--teacher={edm2_teacher}']
+    for kwargs, what in [(dict(img_resolution=16), 'has resolution 16, but the guided network has 4; pass a guide of the network\'s resolution.'),
             (dict(img_channels=1), 'has channel count 1, but the guided network has 3; pass a guide of the network\'s channel count.'),
             (dict(label_dim=5), 'is conditioned on 5 classes, but the guided network on 0; pass an unconditional guide (classifier-free guidance) '
                 'or one of the network\'s classes (autoguidance).')]:
@@ -268,7 +268,7 @@ def test_bad_guides_and_teachers(tmp_path, rgb8, edm2_teacher):
     assert invoke(*base, '--guidance=2') == 'Error: --guidance=2 needs a guiding network; pass --gnet=PKL|URL, or leave --guidance out.'
     result = CliRunner().invoke(train.main, [*base, f'--gnet={gnet}', '--guidance=-1'])
     assert result.exit_code == 2 and "Error: Invalid value for '--guidance': -1.0 is not in the range x>=0." in result.output
-    assert invoke(f'--outdir={tmp_path / "out"}', f'--data={rgb8}', f'--gnet={gnet}') == \
+    assert invoke(f'--outdir={tmp_path / "out"}', f'--data={rgb4}', f'--gnet={gnet}') == \
         'Error: --gnet applies only to consistency distillation; pass --consistency=True or leave it out.'
 
     # A teacher class without an implementation here: the student's architecture must be given.
