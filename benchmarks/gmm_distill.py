@@ -3,10 +3,12 @@
 The teacher is the closed-form denoiser of a Gaussian mixture in image shape
 (`training.gmm.GaussianMixture`, cd-spec section 9), so the probability-flow
 ODE endpoint of every noise draw is known to float64 accuracy. For each S in
---S a small EDM U-Net is distilled from random initialisation with
-`ConsistencyDistillLoss` for a fixed budget (--steps x --batch images, the
-training loop's learning-rate ramp-up, Adam step and EMA), then sampled from
-fixed noise with the student sampler. Reported per S, as mean +- std over
+--S a small EDM U-Net is distilled with `ConsistencyDistillLoss` for a fixed
+budget (--steps x --batch images, the training loop's learning-rate ramp-up,
+Adam step and EMA), from random weights or, with --init_steps, from the same
+U-Net first trained as the mixture's denoiser (as real distillation starts
+from the teacher's checkpoint), then sampled from fixed noise with the
+student sampler. Reported per S, as mean +- std over
 --seeds: RMSE of the student's samples to the exact endpoints, the
 total-variation distance between the component shares of its samples (each
 assigned to its most likely component) and the mixture weights, and the wall
@@ -23,6 +25,7 @@ ConsistencyDistillLoss, or of the student sampler with the prefix `sampler_`.
     python benchmarks/gmm_distill.py                   # current defaults, both mixtures, S=2,4,8, 3 seeds: ~7.5 min on 1 thread
     python benchmarks/gmm_distill.py --mixture=gmm8 --S=4,8 --config=target_teacher --out=teacher.json
     python benchmarks/gmm_distill.py --set target_ema=0.9 --set sampler_stochastic=true
+    python benchmarks/gmm_distill.py --init_steps=1600     # students start from a denoiser checkpoint
 """
 
 import copy
@@ -39,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training import samplers                            # pylint: disable=wrong-import-position
 from training.gmm import GaussianMixture                 # pylint: disable=wrong-import-position
+from training.loss import EDMLoss                         # pylint: disable=wrong-import-position
 from training.loss_cd import ConsistencyDistillLoss      # pylint: disable=wrong-import-position
 from training.networks import EDMPrecond                 # pylint: disable=wrong-import-position
 from training.steps import accumulate_gradients, learning_rate, optimizer_step, update_ema # pylint: disable=wrong-import-position
@@ -162,26 +166,42 @@ def make_student(mixture, cbase):
     return EDMPrecond(img_resolution=mixture.img_resolution, img_channels=mixture.img_channels, model_type='SongUNet',
         model_channels=cbase, channel_mult=mult, num_blocks=1, attn_resolutions=[], dropout=0)
 
-def train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio, cbase):
-    """Distil the mixture into an S-step student; returns its EMA and the loss (for the grid)."""
-    torch.manual_seed(seed)
-    net = make_student(mixture, cbase).train().requires_grad_(True)
+def optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio):
+    """Train `net` on fresh mixture samples with the training loop's step pieces; returns its EMA."""
+    distill = isinstance(loss_fn, ConsistencyDistillLoss)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = ConsistencyDistillLoss(S=S, **loss_kwargs).set_teacher(mixture)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=[0.9, 0.999], eps=1e-8)
     data_gen = torch.Generator().manual_seed(1000 + seed)
     def next_batch():
         return mixture.sample(batch, generator=data_gen)[0].to(torch.float32), None
     cur_nimg = 0
     for _ in range(steps):
-        loss_fn.set_progress(cur_nimg)
+        if distill:
+            loss_fn.set_progress(cur_nimg)
         optimizer.zero_grad(set_to_none=True)
         accumulate_gradients(net, loss_fn, next_batch, 1, batch)
         optimizer_step(net, optimizer, learning_rate(lr, cur_nimg, lr_rampup_kimg))
-        loss_fn.update_target(net)
+        if distill:
+            loss_fn.update_target(net)
         update_ema(ema, net, cur_nimg, batch, ema_halflife_kimg, ema_rampup_ratio)
         cur_nimg += batch
-    return ema, loss_fn
+    return ema
+
+def pretrain_denoiser(mixture, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio, cbase, seed=10000):
+    """The student U-Net trained as the mixture's denoiser with EDM's loss: the diffusion
+    checkpoint that real distillation starts every student from."""
+    torch.manual_seed(seed)
+    net = make_student(mixture, cbase).train().requires_grad_(True)
+    return optimize(net, mixture, EDMLoss(), seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio)
+
+def train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio, cbase, init=None):
+    """Distil the mixture into an S-step student, from random weights or from the network `init`;
+    returns its EMA and the loss (for the grid)."""
+    torch.manual_seed(seed)
+    net = make_student(mixture, cbase) if init is None else copy.deepcopy(init)
+    net.train().requires_grad_(True)
+    loss_fn = ConsistencyDistillLoss(S=S, **loss_kwargs).set_teacher(mixture)
+    return optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio), loss_fn
 
 def sample_student(student, loss_fn, latents, sampler_kwargs, seed):
     gen = torch.Generator().manual_seed(5000 + seed)
@@ -194,7 +214,7 @@ def mean_std(values):
 
 #----------------------------------------------------------------------------
 
-def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, log):
+def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, init_steps, log):
     """All figures of one mixture as a dict."""
     start = time.time()
     mixture = make_mixture(name)
@@ -211,11 +231,17 @@ def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_ram
         components=mixture.num_components, loss_kwargs=loss_kwargs, sampler_kwargs=sampler_kwargs,
         reference=dict(num_steps=2 * ref_steps, sigma_min=1e-4, doubling_rms=doubling_rms, doubling_max=doubling_max,
         exact_tv=coverage_tv(mixture, exact), seconds=ref_time), S=dict())
+    init = None
+    if init_steps > 0:
+        t0 = time.time()
+        init = pretrain_denoiser(mixture, init_steps, batch, lr, lr_rampup, ema, ema_rampup, cbase)
+        out['init'] = dict(steps=init_steps, seconds=time.time() - t0)
+        log(f'  initial student: the U-Net trained as the denoiser for {init_steps} steps x {batch} images, {time.time() - t0:.1f} s')
     for S in S_list:
         rows = dict(rmse=[], tv=[], seconds=[])
         for seed in seeds:
             t0 = time.time()
-            student, loss_fn = train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase)
+            student, loss_fn = train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, init=init)
             x = sample_student(student, loss_fn, latents, sampler_kwargs, seed)
             rows['rmse'].append(rmse(x, exact))
             rows['tv'].append(coverage_tv(mixture, x))
@@ -226,11 +252,16 @@ def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_ram
         entry = dict(student=dict(rmse=mean_std(rows['rmse']), tv=mean_std(rows['tv']), seconds=mean_std(rows['seconds'])),
             euler=dict(nfe=S, rmse=rmse(euler, exact), tv=coverage_tv(mixture, euler)),
             heun=dict(nfe=2 * heun_steps - 1, rmse=rmse(heun, exact), tv=coverage_tv(mixture, heun)))
+        if init is not None:
+            with torch.no_grad():
+                x = samplers.euler_sampler(init, latents.to(torch.float32), num_steps=S)
+            entry['init_euler'] = dict(nfe=S, rmse=rmse(x, exact), tv=coverage_tv(mixture, x))
         out['S'][str(S)] = entry
         st = entry['student']
         log(f'  S={S}: student RMSE {st["rmse"]["mean"]:.4f} +- {st["rmse"]["std"]:.4f}, TV {st["tv"]["mean"]:.3f} +- {st["tv"]["std"]:.3f}, '
             f'{st["seconds"]["mean"]:.1f} s/seed | teacher Euler ({S} NFE) RMSE {entry["euler"]["rmse"]:.4f} TV {entry["euler"]["tv"]:.3f} | '
-            f'Heun ({2 * heun_steps - 1} NFE) RMSE {entry["heun"]["rmse"]:.4f} TV {entry["heun"]["tv"]:.3f}')
+            f'Heun ({2 * heun_steps - 1} NFE) RMSE {entry["heun"]["rmse"]:.4f} TV {entry["heun"]["tv"]:.3f}' +
+            (f' | initial student\'s Euler ({S} NFE) RMSE {entry["init_euler"]["rmse"]:.4f}' if 'init_euler' in entry else ''))
     out['seconds'] = time.time() - start
     return out
 
@@ -246,12 +277,13 @@ def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_ram
 @click.option('--lr_rampup',    help='Learning-rate ramp-up', metavar='KIMG', type=click.FloatRange(min=0), default=0.64, show_default=True)
 @click.option('--ema',          help='EMA half-life of the evaluated student', metavar='KIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--ema_rampup',   help='EMA half-life cap as a fraction of the images seen', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25, show_default=True)
+@click.option('--init_steps',   help='Steps of denoiser training that give the initial student (0: random weights)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--cbase',        help='Channel base of the student U-Net', metavar='INT', type=click.IntRange(min=4), default=16, show_default=True)
 @click.option('--num',          help='Evaluation samples (fixed noise)', metavar='INT', type=click.IntRange(min=2), default=512, show_default=True)
 @click.option('--ref_steps',    help='Heun levels of the coarse reference (the fine one has twice as many)', metavar='INT', type=click.IntRange(min=2), default=128, show_default=True)
 @click.option('--threads',      help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--out',          help='Write the figures to this JSON file', metavar='JSON', type=str)
-def main(mixture, config, overrides, S_list, seeds, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, threads, out):
+def main(mixture, config, overrides, S_list, seeds, steps, batch, lr, lr_rampup, ema, ema_rampup, init_steps, cbase, num, ref_steps, threads, out):
     """Distil Gaussian-mixture teachers into S-step students and compare them with the exact ODE endpoints."""
     torch.set_num_threads(threads)
     S_list = [int(v) for v in S_list.split(',') if v.strip()]
@@ -260,14 +292,14 @@ def main(mixture, config, overrides, S_list, seeds, steps, batch, lr, lr_rampup,
     start = time.time()
     print(f'Config {config} {list(overrides)}; budget {steps} steps x {batch} images per student, S={S_list}, seeds {seeds}, {threads} thread(s)', flush=True)
     log = lambda text: print(text, flush=True)
-    results = [run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, log) for name in names]
+    results = [run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, init_steps, log) for name in names]
     total = time.time() - start
     print(f'Total wall time {total:.1f} s', flush=True)
     if out is not None:
         with open(out, 'w') as f:
             json.dump(dict(config=config, overrides=list(overrides), S=S_list, seeds=seeds,
                 budget=dict(steps=steps, batch=batch, kimg=steps * batch / 1000, lr=lr, lr_rampup_kimg=lr_rampup,
-                ema_halflife_kimg=ema, ema_rampup_ratio=ema_rampup, cbase=cbase),
+                ema_halflife_kimg=ema, ema_rampup_ratio=ema_rampup, cbase=cbase, init_steps=init_steps),
                 num=num, threads=threads, seconds=total, mixtures=results), f, indent=2)
 
 #----------------------------------------------------------------------------

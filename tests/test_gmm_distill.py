@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
@@ -39,6 +40,19 @@ def test_benchmark_runs_and_writes_every_figure(tmp_path):
             assert student['rmse']['mean'] > 0 and 0 <= student['tv']['mean'] <= 1
             assert entry['euler']['nfe'] == int(S) and entry['heun']['nfe'] == int(S) - 1
             assert entry['euler']['rmse'] > 0 and 0 <= entry['heun']['tv'] <= 1
+
+def test_students_start_from_the_denoiser_checkpoint(tmp_path):
+    out = tmp_path / 'figures.json'
+    result = CliRunner().invoke(gmm_distill.main, TINY + ['--mixture', 'gmm8', '--init_steps', '2', '--out', str(out)])
+    assert result.exit_code == 0, result.output
+    m = json.loads(out.read_text())['mixtures'][0]
+    assert m['init']['steps'] == 2 and all(entry['init_euler']['nfe'] == int(S) and entry['init_euler']['rmse'] > 0 for S, entry in m['S'].items())
+    mixture = gmm_distill.make_mixture('gmm8')
+    init = gmm_distill.pretrain_denoiser(mixture, steps=2, batch=8, lr=2e-3, lr_rampup_kimg=0, ema_halflife_kimg=0.5, ema_rampup_ratio=0.25, cbase=8)
+    before = {name: p.clone() for name, p in init.named_parameters()}
+    student, _ = gmm_distill.train_student(mixture, 2, 0, dict(), 0, 8, 2e-3, 0, 0.5, 0.25, 8, init=init)
+    assert all(torch.equal(p, before[name]) for name, p in init.named_parameters())
+    assert all(torch.equal(p, before[name]) for name, p in student.named_parameters())
 
 def test_config_resolution_and_bad_input():
     loss, sampler = gmm_distill.resolve_config('huber_c10', ['loss=l2_root', 'sampler_addim_scale=0.1', 'student_sigmas=0.5,0.1,0.01'], 6.4, 64)
