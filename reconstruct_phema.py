@@ -47,10 +47,10 @@ def parse_stds(text):
 def list_snapshots(indir):
     """[(kimg, sigma_rel, path)] of the power-function EMA snapshots in `indir`, sorted."""
     if not os.path.isdir(indir):
-        raise click.ClickException(f'--indir={indir} is not a folder; pass the run directory of a training run with --phema.')
+        raise click.ClickException(f'--indir={indir} is not a folder; pass the run directory of a train.py run with --phema.')
     found = sorted((int(m.group(1)), float(m.group(2)), os.path.join(indir, name)) for name in os.listdir(indir) if (m := SNAPSHOT_RE.fullmatch(name)))
     if not found:
-        raise click.ClickException(f'--indir={indir} holds no power-function EMA snapshots (network-snapshot-<kimg>-<sigma_rel>.pkl); pass the run directory of a run trained with --phema.')
+        raise click.ClickException(f'--indir={indir} holds no power-function EMA snapshots (network-snapshot-<kimg>-<sigma_rel>.pkl); pass the run directory of a train.py run with --phema.')
     return found
 
 def coefficients(snapshots, out_kimg, out_stds):
@@ -65,7 +65,7 @@ def coefficients(snapshots, out_kimg, out_stds):
     for std, error in zip(out_stds, errors):
         if not error <= MAX_ERROR:
             raise click.ClickException(f'--outstd={std:g} cannot be reconstructed from the stored widths {sorted(set(in_std.tolist()))} '
-                f'(relative error {error:.0%} > {MAX_ERROR:.0%}); ask for a sigma_rel nearer to them, or train with --phema covering it.')
+                f'(relative error {error:.0%} > {MAX_ERROR:.0%}); ask for a sigma_rel nearer to them, or run train.py with a --phema covering it.')
     return coefs
 
 #----------------------------------------------------------------------------

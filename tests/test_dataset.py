@@ -200,7 +200,7 @@ def test_mixed_resolutions(tmp_path):
 def test_non_square_resolution(tmp_path):
     dataset = ImageFolderDataset(path=write_zip(tmp_path / 'wide.zip', make_files(random_images(1, height=4, width=8))))
     assert dataset.image_shape == [3, 4, 8]
-    with pytest.raises(ValueError, match=r"Dataset 'wide' has non-square 8x4 images; use image_shape"):
+    with pytest.raises(ValueError, match=r"Dataset 'wide' has non-square 8x4 images; rebuild it square with dataset_tool.py --resolution=NxN\."):
         dataset.resolution
 
 def test_bad_max_size(tmp_path):

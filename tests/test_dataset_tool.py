@@ -354,4 +354,14 @@ def test_bad_resolution_string(tmp_path):
     assert result.exit_code == 2
     assert "'32' is not WxH with positive integers; pass e.g. --resolution=32x32." in result.output
 
+def test_dest_that_cannot_be_created(tmp_path):
+    (tmp_path / 'file').write_text('kept')
+    expect_error(r"--dest=.*file/out\.zip cannot be created: \".*file\" is a file, not a folder; choose another path\.", '--source=digits', f'--dest={tmp_path / "file" / "out.zip"}')
+    assert (tmp_path / 'file').read_text() == 'kept'
+
+def test_max_images_out_of_range(tmp_path):
+    result = run_tool('--source=digits', f'--dest={tmp_path / "out.zip"}', '--max-images=0')
+    assert result.exit_code == 2 and "Invalid value for '--max-images'" in result.output and 'Traceback' not in result.output
+    assert not (tmp_path / 'out.zip').exists()
+
 #----------------------------------------------------------------------------

@@ -160,6 +160,35 @@ def test_detector_for_other_images(rgb, tmp_path):
     result = run_fid('ref', f'--data={rgb["folder"]}', f'--dest={tmp_path / "x.npz"}', f'--detector={det}')
     assert error_line(result).endswith('pass a detector made for such images.') and not (tmp_path / 'x.npz').exists()
 
+def test_broken_or_odd_image_stops_before_any_feature(rgb, tmp_path):
+    folder = write_images(tmp_path / 'images', rgb['images'][:6])
+    (tmp_path / 'images' / '00000' / 'img00000004.png').write_bytes(b'not a png')
+    result = run_fid('calc', f'--images={folder}', f'--ref={rgb["ref"]}', f'--detector={rgb["det"]}', '--num=6')
+    assert "Image '00000/img00000004.png'" in error_line(result) and 'cannot be read' in error_line(result)
+    assert 'Computing features' not in result.output
+    PIL.Image.fromarray(np.zeros([4, 4, 3], dtype=np.uint8)).save(tmp_path / 'images' / '00000' / 'img00000004.png')
+    result = run_fid('ref', f'--data={folder}', f'--dest={tmp_path / "x.npz"}', f'--detector={rgb["det"]}')
+    assert "Image '00000/img00000004.png'" in error_line(result) and 'is 4x4 color, but the first image is 8x8 color' in error_line(result)
+    assert 'Computing features' not in result.output and not (tmp_path / 'x.npz').exists()
+
+def test_missing_images(rgb, tmp_path):
+    result = run_fid('calc', f'--images={tmp_path / "none"}', f'--ref={rgb["ref"]}', f'--detector={rgb["det"]}')
+    assert error_line(result) == f"Error: Dataset path '{tmp_path / 'none'}' does not exist; pass a folder or .zip made by dataset_tool.py."
+
+def test_dest_that_exists_or_cannot_be_written(rgb, tmp_path):
+    (tmp_path / 'old.npz').write_bytes(b'kept')
+    result = run_fid('ref', f'--data={rgb["folder"]}', f'--dest={tmp_path / "old.npz"}', f'--detector={rgb["det"]}')
+    assert 'already exists; delete it or pass another path' in error_line(result)
+    assert (tmp_path / 'old.npz').read_bytes() == b'kept'
+    result = run_fid('ref', f'--data={rgb["folder"]}', f'--dest={tmp_path / "old.npz" / "x.npz"}', f'--detector={rgb["det"]}')
+    assert error_line(result) == f'Error: --dest={tmp_path / "old.npz" / "x.npz"} cannot be created: "{tmp_path / "old.npz"}" is a file, not a folder; choose another path.'
+    assert 'Computing features' not in result.output
+
+@pytest.mark.parametrize('option', ['--seed=-1', '--num=1', '--batch=0', '--workers=-1'])
+def test_out_of_range_values(rgb, option):
+    result = run_fid('calc', f'--images={rgb["folder"]}', f'--ref={rgb["ref"]}', f'--detector={rgb["det"]}', option)
+    assert result.exit_code == 2 and f"Invalid value for '{option.split('=')[0]}'" in result.output and 'Traceback' not in result.output
+
 #----------------------------------------------------------------------------
 
 def torchrun(*args):

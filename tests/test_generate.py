@@ -222,3 +222,10 @@ def test_sampler_option_errors(tmp_path):
     if not torch.cuda.is_available():
         fails('CUDA was requested (--device=cuda) but no CUDA device is available', '--network', teacher, *out, '--device', 'cuda')
     assert not (tmp_path / 'out').exists()
+
+def test_unwritable_outputs_are_refused_before_sampling(tmp_path):
+    pkl = gaussian_snapshot(tmp_path / 'net.pkl')
+    (tmp_path / 'file').write_text('kept')
+    fails(f'--outdir={tmp_path / "file" / "out"} cannot be created: "{tmp_path / "file"}" is a file, not a folder', '--network', pkl, '--outdir', tmp_path / 'file' / 'out')
+    fails(f'--grid={tmp_path / "file" / "g.png"} cannot be created', '--network', pkl, '--grid', tmp_path / 'file' / 'g.png')
+    assert (tmp_path / 'file').read_text() == 'kept' and sorted(os.listdir(tmp_path)) == ['file', 'net.pkl']

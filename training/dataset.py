@@ -122,7 +122,7 @@ class Dataset(torch.utils.data.Dataset):
     def resolution(self):
         _, height, width = self.image_shape
         if height != width:
-            raise ValueError(f'Dataset {self._name!r} has non-square {width}x{height} images; use image_shape, or rebuild it with dataset_tool.py --resolution=NxN.')
+            raise ValueError(f'Dataset {self._name!r} has non-square {width}x{height} images; rebuild it square with dataset_tool.py --resolution=NxN.')
         return height
 
     @property

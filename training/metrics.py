@@ -245,8 +245,10 @@ def open_image_dataset(
     num         = None,     # Use this many images, None = all.
     seed        = 0,        # Seed of the random subset when there are more than num.
 ):
-    """An ImageFolderDataset of exactly `num` images (all if None), EDM's rule for FID."""
+    """An ImageFolderDataset of exactly `num` images (all if None), EDM's rule for FID; every
+    image's header is checked first, so that a broken file stops the run before any work."""
     images = dataset.ImageFolderDataset(path=path, max_size=num, random_seed=seed)
+    images.check_headers()
     if num is not None and len(images) < num:
         raise ValueError(f'"{path}" holds {len(images)} images, fewer than the {num} asked for; ask for at most {len(images)} or add images.')
     if len(images) < 2:
