@@ -4,7 +4,6 @@ the tests build and save, the RGB encoder, pickling, and a VAE that cannot be
 found."""
 
 import pickle
-import types
 
 import numpy as np
 import pytest
@@ -13,24 +12,17 @@ import torch
 import dnnlib
 from training import encoders
 
+from _tiny_vae import save_tiny_vae, tiny_vae
+
 # EDM2's normalisation of the sd-vae-ft-mse latents of ImageNet-512 (shared/fixtures/edm2_reference/README.md):
 # raw mean and std per channel, mapped to mean 0 and std 0.5.
 README_RAW_MEAN = np.array([5.81, 3.25, 0.12, -2.15])
 README_RAW_STD = np.array([4.17, 4.62, 3.71, 3.28])
 README_FINAL_STD = 0.5
 
-def tiny_vae():
-    """An AutoencoderKL with the layout of Stability AI's (4 latent channels, 1/8 resolution), 25k parameters."""
-    import diffusers # pylint: disable=import-outside-toplevel
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16).eval()
-
 @pytest.fixture(scope='module')
 def vae_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('vae') / 'tiny-vae'
-    tiny_vae().save_pretrained(str(folder))
-    return str(folder)
+    return save_tiny_vae(tmp_path_factory.mktemp('vae') / 'tiny-vae')
 
 class RecordingVAE:
     """Decodes to a constant image and records the raw latents it is given."""
