@@ -316,9 +316,9 @@ def init_wandb(opts, c):
 @click.option('--val_num',          help='Images for the Frechet distance, 0 = agreement only', metavar='INT', type=click.IntRange(min=0), default=10000, show_default=True)
 @click.option('--val_seed',         help='Seed of the first validation image', metavar='INT',                 type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--val_batch',        help='Images per sampler and detector call on each rank', metavar='INT',  type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--val_ref',          help='Reference statistics of the dataset', metavar='NPZ|URL',            type=str)
+@click.option('--val_ref',          help='Reference statistics of the dataset', metavar='NPZ|PKL|URL',        type=str)
 @click.option('--val_ref_data',     help='Dataset to compute the reference statistics from  [default: --data]', metavar='ZIP|DIR', type=str)
-@click.option('--val_detector',     help="Feature detector: 'inception', 'pixels', or a pickled network", metavar='NAME|PKL|URL', type=str, default='inception', show_default=True)
+@click.option('--val_detector',     help="Feature detector: 'inception', 'dinov2', 'pixels', or a pickled network", metavar='NAME|PKL|URL', type=str, default='inception', show_default=True)
 @click.option('--val_teacher',      help="Also the teacher's Frechet distance, once per run", metavar='BOOL',  type=bool, default=True, show_default=True)
 @click.option('--val_agree_num',    help='Seeds of the teacher agreement (distillation), 0 = none', metavar='INT', type=click.IntRange(min=0), default=1000, show_default=True)
 

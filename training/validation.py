@@ -24,7 +24,8 @@ Decisions where the issue is silent:
 * Features are taken of the images quantized as generate.py writes them;
   for an unconditional network (generate.py draws random classes) `fid`
   equals `fid.py calc` on generate.py's images of the same seeds. With the
-  pixel detector the figure is `fd_pixels`, never `fid`.
+  pixel detector the figure is `fd_pixels`, never `fid`; with DINOv2 it is
+  `fd_dinov2`.
 * Agreement. Student and teacher images of the first `agree_num` seeds
   (same latents and labels), clipped to [-1, 1], unquantized, float64:
   `agree_rmse` = sqrt(MSE) over all their pixels, `agree_psnr` =
@@ -34,7 +35,7 @@ Decisions where the issue is silent:
   ranks' shares add up exactly. The teacher's images are kept in memory
   (float32, CPU) after the first validation of a process. Skipped for EDM
   training and for a loss without a teacher.
-* Reference statistics come from `ref` (an .npz or URL) or are computed
+* Reference statistics come from `ref` (an .npz, an EDM2-style .pkl, or a URL) or are computed
   once from the dataset `ref_data` and kept in the run directory as
   `val-ref-<detector>-<hash of detector and dataset path>.npz`. train.py
   passes its training dataset as `ref_data` when neither is given; the
@@ -173,7 +174,7 @@ def ref_file_name(detector, ref_data):
 # Reference statistics.
 
 def _load_ref(path, det, dim):
-    ref = metrics.load_ref_stats(path)
+    ref = metrics.load_ref_stats(path, det.name)
     metrics.check_ref_stats(ref, det.name, dim)
     return ref
 
@@ -302,7 +303,7 @@ def validate(
     if opts.num > 0:
         det = metrics.load_detector(opts.detector, device=device, option='--val_detector')
         dim = det.feature_dim(image_shape)
-        fd_name = 'fd_pixels' if det.is_pixels else 'fid'
+        fd_name = det.key
         ref_stats = _reference(opts, det, dim, image_shape, run_dir)
 
     def fd_of(stats):
