@@ -393,6 +393,10 @@ def test_encode_writes_edm2_latents(tmp_path, vae_folder):
         dist = tiny_vae().encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)['latent_dist']
     assert latents.dtype == np.float32 and latents.shape == (5, 8, 2, 2)
     np.testing.assert_allclose(latents, torch.cat([dist.mean, dist.std], dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    dataset = ImageFolderDataset(path=str(tmp_path / 'latents.zip'), use_labels=True) # As train.py reads it.
+    dataset.check_headers()
+    assert dataset.is_latent and dataset.image_shape == [8, 2, 2] and dataset.label_dim == 3
+    np.testing.assert_array_equal(dataset[4][0], latents[4])
     assert sorted(os.listdir(tmp_path)) == ['latents.zip', 'rgb.npz', 'rgb.zip']
 
 def test_encode_failure_leaves_nothing(tmp_path, vae_folder, monkeypatch):
