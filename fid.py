@@ -26,7 +26,7 @@ def user_errors():
 def dataset_stats(images, detectors, batch, workers, keep_features=False):
     """FeatureStats of every detector's features of all images, over all ranks, from one pass."""
     names = ', '.join(f'"{det.name}"' for det in detectors)
-    dist.print0(f'Computing features of {len(images)} images with detector {names} on {dist.get_world_size()} rank(s)...')
+    dist.print0(f'Computing features of {len(images)} images with detector{"s" if len(detectors) > 1 else ""} {names} on {dist.get_world_size()} rank(s)...')
     return metrics.compute_dataset_stats(images, detectors, batch_size=batch, num_workers=workers, progress=(dist.get_rank() == 0), keep_features=keep_features)
 
 #----------------------------------------------------------------------------
