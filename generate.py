@@ -17,6 +17,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import guidance as guidance_lib
 from training import samplers
 
 #----------------------------------------------------------------------------
@@ -98,8 +99,10 @@ def save_png(image, path):
 @click.option('--S_max', 'S_max',          help='Stochastic max noise level (heun/euler)  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--S_noise', 'S_noise',      help='Stochastic noise inflation (heun/euler)  [default: 1]', metavar='FLOAT', type=float)
 @click.option('--stochastic',              help='Re-noise between the steps of the student', metavar='BOOL',           type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
+@click.option('--gnet', 'gnet_pkl',        help='Guiding network (heun/euler): unconditional or weaker', metavar='PKL|URL', type=str)
+@click.option('--guidance',                help='Guidance weight with --gnet, 1 = none', metavar='FLOAT',              type=click.FloatRange(min=0))
 
-def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, device, sampler, stochastic, **sampler_kwargs):
+def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, device, sampler, stochastic, gnet_pkl, guidance, **sampler_kwargs):
     """Generate images with a diffusion network or a multistep consistency student.
 
     Examples:
@@ -115,6 +118,10 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
     python generate.py --network=student.pkl --outdir=student --seeds=0-49999 --subdirs
 
     \b
+    # EDM2's autoguidance: the denoiser D_g + W (D - D_g) of the network D and a weaker guide D_g.
+    python generate.py --network=edm2-img64-s.pkl --gnet=edm2-img64-xs.pkl --guidance=1.4 --outdir=out
+
+    \b
     # Several processes share the seeds (the images do not change).
     torchrun --standalone --nproc_per_node=2 generate.py --network=teacher.pkl --outdir=out --seeds=0-999
     """
@@ -128,8 +135,17 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
         device = dist.init(device_type=None if device == 'auto' else device)
         dist.print0(f'Loading network from "{network_pkl}"...')
         data = checkpoint.load_snapshot(network_pkl)
-    net = data['ema'].to(device).eval().requires_grad_(False)
-    sigmas = student_grid(data, network_pkl)
+        sigmas = student_grid(data, network_pkl)
+        guidance_lib.check_guidance(gnet_pkl, guidance)
+        if gnet_pkl is not None and (sampler == 'student' or (sampler == 'auto' and sigmas is not None)):
+            raise ValueError(f'--gnet guides a teacher\'s heun or euler sampler, but "{network_pkl}" is sampled as a consistency student, which learned its guidance '
+                f'({(data.get("consistency") or {}).get("guidance")}); leave --gnet and --guidance out.')
+        gnet = None
+        if gnet_pkl is not None:
+            dist.print0(f'Loading guiding network from "{gnet_pkl}"...')
+            gnet = checkpoint.load_snapshot(gnet_pkl)['ema']
+            guidance_lib.check_guide(data['ema'], gnet, where=f'The guide "{gnet_pkl}"')
+        net = guidance_lib.guided(data['ema'], gnet, guidance, gnet_name=gnet_pkl).to(device).eval().requires_grad_(False)
 
     # Check the options against the network.
     if class_idx is not None and net.label_dim == 0:
@@ -159,6 +175,10 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
             raise click.ClickException(f'The noise levels run from sigma_min={sigma_min} to sigma_max={sigma_max} '
                 f'(the network supports {net_min} to {net_max}); choose --sigma_min below --sigma_max.')
         desc = f'{sampler} sampler, {num_steps} steps, {2 * num_steps - 1 if sampler == "heun" else num_steps} network evaluations'
+        desc += guidance_lib.describe_text(gnet_pkl, guidance)
+        note = samplers.noise_range_note(guidance_lib.unwrap(net), grid='the noise levels of --sigma_min, --sigma_max and --steps')
+        if note is not None:
+            dist.print0(note)
 
     # Divide the seeds among the processes in equal numbers of batches.
     world = dist.get_world_size()

@@ -21,6 +21,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
 from training import consistency_ops
+from training import guidance
 from training import loss_cd
 from training import presets
 from training import training_loop
@@ -34,7 +35,7 @@ CD_LOSS_OPTIONS = dict( # Keyword of ConsistencyDistillLoss -> the option that s
     terminal_prob='terminal_prob', terminal_teacher_hop='terminal_teacher_hop', target_mode='cd_target_mode', target_ema='cd_target_ema',
     sync_dropout='sync_dropout', loss='cd_loss', huber_c='cd_huber_c', weight_mode='cd_weight_mode',
 )
-CD_OPTIONS = ['teacher', 'student_init', *CD_LOSS_OPTIONS.values(), 'no_terminal_anchor', 'no_sync_dropout'] # Options that only --consistency=True uses.
+CD_OPTIONS = ['teacher', 'gnet', 'guidance', 'student_init', *CD_LOSS_OPTIONS.values(), 'no_terminal_anchor', 'no_sync_dropout'] # Options that only --consistency=True uses.
 
 #----------------------------------------------------------------------------
 # Option parsing and errors.
@@ -72,23 +73,17 @@ def parse_phema(s):
         raise click.BadParameter(f'"{s}" is not a comma-separated list of numbers; pass e.g. 0.050,0.100, or none.')
     return parse_float_list(s)
 
-def parse_student_sigmas(text):
-    """--student_sigmas: a layout name, or the interior sigmas as a list of floats."""
-    if text in ('karras', 'karras_open'):
-        return text
-    if parse_float_list(text) is None:
-        raise click.ClickException(f'--student_sigmas={text} is neither karras, karras_open nor a comma-separated list of numbers; pass a layout name or the S-1 interior sigmas, e.g. 2.5,0.5,0.1.')
-    return parse_float_list(text)
-
-def apply_defaults(opts, given):
-    """Fill the options that were not given: an EDM2 --preset first, then the defaults of the architecture."""
+def apply_defaults(opts, given, student=None):
+    """Fill the options that were not given: those of a student built from its teacher (`student`: the teacher's
+    description), or an EDM2 --preset; then the defaults of the architecture."""
+    defaults = presets.student_defaults(student) if student is not None else {}
     if opts.preset is not None:
         if 'arch' in given and opts.arch != 'edm2':
             raise click.ClickException(f'--preset={opts.preset} is an EDM2 preset, but --arch={opts.arch}; pass --arch=edm2 or leave --arch out.')
-        preset = dict(presets.EDM2_PRESETS[opts.preset], arch='edm2', batch=2048)
-        opts.update({key: value for key, value in preset.items() if key not in given})
-        given = set(given) | set(preset)
-    if opts.arch == 'edm2' and 'precond' in given:
+        defaults = dict(presets.EDM2_PRESETS[opts.preset], arch='edm2', batch=2048)
+    opts.update({key: value for key, value in defaults.items() if key not in given})
+    given = set(given) | set(defaults)
+    if opts.arch == 'edm2' and 'precond' in given and opts.precond != 'edm2':
         raise click.ClickException(f'--precond={opts.precond} applies to the EDM architectures; --arch=edm2 has its own preconditioning, so leave --precond out.')
     for name in ('P_mean', 'P_std'):
         if opts.arch != 'edm2' and name in given:
@@ -126,8 +121,9 @@ def training_config(opts, cd_given, device):
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=([0.9, 0.99] if opts.arch == 'edm2' else [0.9, 0.999]), eps=1e-8)
 
     # Network preset, preconditioning and loss; channels, augmentation, dropout, precision.
-    c.network_kwargs = dnnlib.EasyDict(presets.ARCH_PRESETS[opts.arch])
-    c.network_kwargs.class_name, loss_class = presets.PRECOND_CLASSES[opts.precond]
+    c.network_kwargs = dnnlib.EasyDict(presets.ARCH_PRESETS[opts.arch] if opts.student is None else opts.student)
+    network_class, loss_class = presets.PRECOND_CLASSES[opts.precond]
+    c.network_kwargs.setdefault('class_name', network_class)
     c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
     if opts.arch == 'edm2':
         c.loss_kwargs.update(P_mean=opts.P_mean, P_std=opts.P_std)
@@ -135,7 +131,7 @@ def training_config(opts, cd_given, device):
     if opts.augment > 0:
         c.augment_kwargs = dnnlib.EasyDict(presets.AUGMENT_PRESET, class_name='training.augment.AugmentPipe', p=opts.augment)
         c.network_kwargs.augment_dim = 9 # The pipeline's conditioning labels.
-    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    c.network_kwargs.update(use_fp16=opts.fp16, **({} if opts.dropout is None else dict(dropout=opts.dropout)))
 
     # Schedule and output intervals.
     if opts.ema_rampup is None:
@@ -155,11 +151,11 @@ def training_config(opts, cd_given, device):
         if opts.transfer is not None and opts.student_init is not None:
             raise click.ClickException(f'--transfer and --student_init={opts.student_init} both choose the weights the student starts from; pass only one of them.')
         c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss_cd.ConsistencyDistillLoss', **{key: opts[option] for key, option in CD_LOSS_OPTIONS.items()})
-        c.loss_kwargs.student_sigmas = parse_student_sigmas(opts.student_sigmas)
+        c.loss_kwargs.student_sigmas = consistency_ops.parse_student_sigmas(opts.student_sigmas)
         anchor = False if opts.no_terminal_anchor else opts.terminal_anchor
         c.loss_kwargs.terminal_anchor = loss_cd.default_terminal_anchor(opts.sampling_mode) if anchor is None else anchor
         c.loss_kwargs.sync_dropout = opts.sync_dropout and not opts.no_sync_dropout
-        c.teacher_pkl = opts.teacher
+        c.update(teacher_pkl=opts.teacher, gnet_pkl=opts.gnet, guidance=opts.guidance)
         if opts.resume is None and opts.transfer is None and opts.student_init != 'random':
             c.resume_pkl = opts.teacher
 
@@ -189,16 +185,17 @@ def training_config(opts, cd_given, device):
 
 def run_description(opts, c, dataset_obj):
     """The part of the run directory's name after its id."""
-    arch = opts.arch if opts.arch == 'edm2' else f'{opts.arch}-{opts.precond}'
+    arch = f'teacher-{opts.precond}' if opts.student is not None else opts.arch if opts.arch == 'edm2' else f'{opts.arch}-{opts.precond}'
     desc = f'{dataset_obj.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{arch}-gpus{dist.get_world_size()}'
     desc += f'-batch{c.batch_size}-{"fp16" if c.network_kwargs.use_fp16 else "fp32"}'
     desc += f'-cd{opts.S}' if opts.consistency else ''
     return desc + (f'-{opts.desc}' if opts.desc is not None else '')
 
 def student_snapshot_entry(loss_fn, **_kwargs):
-    """The `consistency` entry of a student's snapshots (S and the student grid), from which
+    """The `consistency` entry of a student's snapshots (S, the student grid, the teacher's guidance), from which
     `generate.py --sampler=auto` samples the student."""
-    return dict(consistency=dict(S=int(loss_fn.S), student_sigmas=[float(v) for v in loss_fn.student_sigmas().tolist()]))
+    return dict(consistency=dict(S=int(loss_fn.S), student_sigmas=[float(v) for v in loss_fn.student_sigmas().tolist()],
+        guidance=guidance.describe(loss_fn.teacher)))
 
 #----------------------------------------------------------------------------
 # The run directory and W&B (rank 0).
@@ -286,6 +283,8 @@ def init_wandb(opts, c):
 # Consistency distillation.
 @click.option('--consistency',      help='Distil --teacher into a multistep consistency student', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--teacher',          help='Teacher network snapshot, its EMA (.pkl or .safetensors)', metavar='PKL|URL', type=str)
+@click.option('--gnet',             help='Guide of the teacher: an unconditional or weaker network', metavar='PKL|URL', type=str)
+@click.option('--guidance',         help='Guidance weight of the teacher with --gnet, 1 = none', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--student_init',     help='Starting weights of the student  [default: teacher; none with --transfer]', type=click.Choice(['teacher', 'random']))
 @click.option('--S', 'S',           help='Student steps (segments)', metavar='INT',                           type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--student_sigmas',   help='Student grid: karras, karras_open or the S-1 interior sigmas', metavar='NAME|LIST', type=str, default='karras', show_default=True)
@@ -359,7 +358,6 @@ def main(**kwargs):
     params = {param.name: param for param in ctx.command.params}
     given = {name for name in params if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)}
     cd_given = {name: '/'.join(params[name].opts + params[name].secondary_opts) for name in CD_OPTIONS if name in given}
-    apply_defaults(opts, given)
     logger = None
     wandb_run = None
     try:
@@ -367,10 +365,14 @@ def main(**kwargs):
             device = dist.init(None if opts.device_type == 'auto' else opts.device_type)
             if device.type == 'cpu':
                 dist.set_cpu_threads(workers=opts.workers)
+            teacher = training_loop.load_teacher(opts.teacher, opts.gnet, opts.guidance) if opts.consistency and opts.teacher is not None else None
+            from_teacher = teacher is not None and opts.transfer is None and opts.student_init != 'random' and not given & set(presets.ARCH_OPTIONS) # The student's architecture: the teacher's.
+            opts.student = checkpoint.network_description(guidance.unwrap(teacher), f'The teacher "{opts.teacher}"') if from_teacher else None
+            apply_defaults(opts, given, opts.student)
             c = training_config(opts, cd_given, device)
             if opts.wandb:
                 dist.on_rank0(import_wandb)
-            inputs = training_loop.setup(**c, device=device)
+            inputs = training_loop.setup(**c, teacher=teacher, device=device)
             c.seed = inputs.seed
             c.dataset_kwargs.update(resolution=inputs.dataset_obj.resolution, max_size=len(inputs.dataset_obj))
             if inputs.resume_state_dump is not None:
@@ -382,16 +384,16 @@ def main(**kwargs):
                 c.run_dir = dist.on_rank0(lambda: create_run_dir(opts, c, desc))
 
             # Show the options.
-            dist.print0()
-            dist.print0('Training options:')
+            dist.print0('\nTraining options:')
             dist.print0(json.dumps(c, indent=2))
             dist.print0()
             dist.print0(f'Run directory:    {c.run_dir}')
             dist.print0(f'Dataset:          {opts.data} ({"with" if opts.cond else "without"} labels)')
-            dist.print0(f'Network:          {opts.arch}, {opts.precond} preconditioning, {"float16" if opts.fp16 else "float32"}' + (' (float16 needs CUDA)' if opts.fp16 and device.type != 'cuda' else ''))
+            network = f'the teacher\'s architecture ({c.network_kwargs.class_name})' if opts.student is not None else f'{opts.arch}, {opts.precond} preconditioning'
+            dist.print0(f'Network:          {network}, {"float16" if opts.fp16 else "float32"}' + (' (float16 needs CUDA)' if opts.fp16 and device.type != 'cuda' else ''))
             if opts.consistency:
                 student_init = 'the teacher' if c.get('resume_pkl') == opts.teacher else (f'"{opts.transfer}"' if opts.transfer is not None else 'random')
-                dist.print0(f'Distillation:     S={opts.S} student of "{opts.teacher}", starting from {student_init if opts.resume is None else "the --resume state"}')
+                dist.print0(f'Distillation:     S={opts.S} student of "{opts.teacher}"{guidance.describe_text(opts.gnet, opts.guidance)}, starting from {student_init if opts.resume is None else "the --resume state"}')
             dist.print0(f'Ranks:            {dist.get_world_size()} on {device.type}')
             dist.print0(f'Batch:            {c.batch_size}')
             dist.print0()

@@ -38,6 +38,7 @@ import os
 import pickle
 import re
 import urllib.parse
+import warnings
 import zipfile
 
 import numpy as np
@@ -111,6 +112,54 @@ def save_snapshot(path, data):
     form = safetensors_form(data)
     dnnlib.util.write_atomic(path, lambda f: pickle.dump(data, f))
     _write_safetensors(safetensors_path(path), form)
+
+#----------------------------------------------------------------------------
+# Networks of snapshots on the project's classes.
+
+INTERFACE_KWARGS    = ('img_resolution', 'img_channels', 'label_dim')   # Constructor arguments that the data gives.
+PROBE_TOLERANCE     = 1e-5                                              # Largest relative difference of a rebuilt network on the probe batch.
+
+def network_description(net, what='The teacher'):
+    """dict(class_name, **constructor keywords) of the class of training/ that a
+    persistent network is an instance of, without the arguments the data gives.
+    Raises ValueError for a class without an implementation here."""
+    desc = _describe(net)
+    if desc is None or desc['init_args']:
+        raise ValueError(f'{what} is a {type(net).__qualname__}, a class this project has no implementation of (or whose constructor arguments it did not record); '
+            f'distil it into an architecture given by the options (--arch, --precond, --cbase, --cres) with --student_init=random.')
+    return dict(class_name=desc['class_name'], **{key: value for key, value in desc['init_kwargs'].items() if key not in INTERFACE_KWARGS})
+
+def probe_outputs(net, seed=0):
+    """The outputs of a network on a fixed probe batch of three noise levels (float32, CPU, no gradients)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn([3, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
+    sigma = torch.tensor([0.02, 0.8, 20.0])
+    labels = torch.eye(net.label_dim)[torch.randint(net.label_dim, [3], generator=gen)] if net.label_dim else None
+    with torch.no_grad():
+        return net(x * (1 + sigma.reshape(-1, 1, 1, 1)), sigma, labels).to(torch.float32)
+
+def on_project_class(net, what='The teacher'):
+    """A network of a pickle's embedded code rebuilt on the project's class of
+    the same name with the same weights (and dtypes), after checking on a
+    probe batch that both give the same outputs (PROBE_TOLERANCE); with a
+    difference, a warning and the network itself. A network of the project's
+    own class, or of a class without an implementation here, comes back as it is."""
+    name = project_class_name(net)
+    if name is None or type(net) is _persistent_project_class(name):
+        return net
+    try:
+        ours = dnnlib.util.construct_class_by_name(*net.init_args, class_name=name, **net.init_kwargs)
+        ours.load_state_dict(net.state_dict(), strict=True, assign=True)
+        ours.eval().requires_grad_(False)
+        expected, got = probe_outputs(net.cpu().eval()), probe_outputs(ours)
+        error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1))
+    except Exception as err: # pylint: disable=broad-except
+        error, reason = None, _reason(err)
+    if error is not None and error <= PROBE_TOLERANCE:
+        return ours
+    reason = f'its outputs differ by {error:.3g} on a probe batch' if error is not None else f'it cannot be built ({reason})'
+    warnings.warn(f'{what} ({type(net).__qualname__}) keeps the code embedded in its pickle: on the project\'s {name} {reason}.', stacklevel=2)
+    return net
 
 #----------------------------------------------------------------------------
 # The safetensors form of snapshots (see the module doc).

@@ -291,6 +291,18 @@ def anneal_T(cur_nimg, T_start=64, T_end=1280, T_anneal_kimg=10000, mode='geomet
 #----------------------------------------------------------------------------
 # Student grid from the loss options.
 
+def parse_student_sigmas(text):
+    """The `student_sigmas` option as text: a layout name, or the S - 1 interior sigmas as a list of floats."""
+    if text in ('karras', 'karras_open'):
+        return text
+    try:
+        values = [float(part) for part in text.split(',') if part.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(np.isfinite(values)):
+        raise ValueError(f'student_sigmas={text} is neither karras, karras_open nor a comma-separated list of numbers; pass a layout name or the S-1 interior sigmas, e.g. 2.5,0.5,0.1.')
+    return values
+
 def build_student_sigmas(S, grid='karras', sigma_min=0.002, sigma_max=80, rho=7, round_sigma=None):
     """Student grid from the `student_sigmas` option: 'karras', 'karras_open',
     or a sequence (or comma-separated string) of the S - 1 interior sigmas."""

@@ -4,7 +4,8 @@
 `loss_fn(net, images, labels=None, augment_pipe=None)` -> per-element loss,
 plus the hooks a distillation run needs: `set_progress(cur_nimg)` (edge-count
 annealing), `update_target(net)` (the fast `ema` target, after every
-optimizer step), `student_sigmas()` (the student grid), `set_teacher(net)`,
+optimizer step), `frozen_parameters(net, augment_pipe)` (layers it never uses),
+`student_sigmas()` (the student grid), `set_teacher(net)`,
 and `state_dict()` / `load_state_dict()` (exact resume).
 
 Decisions where the spec is silent:
@@ -282,6 +283,13 @@ class ConsistencyDistillLoss:
         self._grids = grids
         self._teacher = teacher_net
         return self
+
+    def frozen_parameters(self, net, augment_pipe=None):
+        """Names of the parameters of the student that the loss never uses, which the training loop leaves
+        untrained: the distillation evaluates D alone, so EDM2's uncertainty head (`logvar_*`) stays as it
+        starts, and so does the augmentation-label layer (`map_augment`) of a run without augmentation."""
+        return [name for name, _param in _unwrap(net).named_parameters()
+            if name.startswith('logvar_') or (augment_pipe is None and 'map_augment' in name.split('.'))]
 
     def student_sigmas(self):
         """The student grid: S + 1 descending noise levels ending in 0 (float64 tensor)."""

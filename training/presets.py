@@ -37,4 +37,18 @@ FAMILY_DEFAULTS = dict( # Option values that depend on the family of --arch, whe
     edm2    = dict(precond='edm2', ema=None, dropout=0, augment=0, decay=70000, phema=[0.050, 0.100], P_mean=-0.4, P_std=1.0),
 )
 
+STUDENT_DEFAULTS = dict( # Where not given, for a student built from its teacher (README, "Teacher and student"); dropout is the teacher's.
+    edm     = dict(augment=0),
+    edm2    = dict(augment=0, decay=0),
+)
+
+ARCH_OPTIONS = ('arch', 'precond', 'preset', 'cbase', 'cres') # Options that describe the network; none given = the student is the teacher's architecture.
+
+def student_defaults(student):
+    """Option values for a student built from its teacher's description (class_name and constructor keywords):
+    the family of its class, the defaults of STUDENT_DEFAULTS and the teacher's dropout (None = its class default)."""
+    precond = next((name for name, (network_class, _loss) in PRECOND_CLASSES.items() if network_class == student['class_name']), 'edm')
+    family = 'edm2' if precond == 'edm2' else 'edm'
+    return dict(FAMILY_DEFAULTS[family], **STUDENT_DEFAULTS[family], precond=precond, dropout=student.get('dropout'), **({'arch': 'edm2'} if family == 'edm2' else {}))
+
 #----------------------------------------------------------------------------

@@ -113,6 +113,12 @@ def noise_range(net):
     none of them, support every noise level and need no rounding."""
     return getattr(net, 'sigma_min', 0), getattr(net, 'sigma_max', float('inf')), getattr(net, 'round_sigma', lambda sigma: sigma)
 
+def noise_range_note(net, what='The network', grid='the noise levels of the grid'):
+    """The sentence that says a network lacks sigma_min, sigma_max or round_sigma (so that `grid` is used
+    without rounding), or None when it has all three."""
+    missing = [name for name in ('sigma_min', 'sigma_max', 'round_sigma') if not hasattr(net, name)]
+    return f'{what} ({type(net).__name__}) has no {", ".join(missing)}: {grid} are used without rounding.' if missing else None
+
 #----------------------------------------------------------------------------
 # Teacher samplers (EDM grid, optional stochastic churn).
 

@@ -15,11 +15,16 @@ Hooks for other losses and for in-training evaluation, all optional:
   `loss_fn.update_target(net)` after it, when the loss has these methods.
 * `loss_fn.state_dict()` / `loss_fn.load_state_dict(state)`, when present,
   carry the loss's own state through training states (exact resume).
+* `loss_fn.frozen_parameters(net, augment_pipe)`, when present, names
+  parameters that the loss never uses; they are not trained (no gradient,
+  which DDP requires).
 * `loss_fn` is pickled into every snapshot; a loss that must not carry a
   member (a teacher network) drops it in its own `__getstate__`.
 * `snapshot_extras` adds entries to every snapshot.
 * `teacher_pkl` loads a snapshot's `ema` as a frozen teacher (eval mode, no
-  gradients, on the device) and hands it to `loss_fn.set_teacher()`; the
+  gradients, on the device; `load_teacher()`: on the project's class of a
+  pickle's network, guided by `gnet_pkl` with weight `guidance` when given)
+  and hands it to `loss_fn.set_teacher()`; the
   teacher runs in the precision of the trained network (its `use_fp16` is set
   to network_kwargs' `use_fp16`, which takes effect on CUDA). A resumed run
   loads it again from the same path. A `resume_pkl` equal to `teacher_pkl`
@@ -84,7 +89,9 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoint
+from training import guidance as guidance_lib
 from training import phema
+from training import samplers
 from training import steps
 
 #----------------------------------------------------------------------------
@@ -160,6 +167,24 @@ def _load_network(path, option):
     except ValueError as err:
         raise ValueError(f'{option}: {err}') from err
 
+def load_teacher(teacher_pkl, gnet_pkl=None, guidance=None):
+    """The frozen teacher of a distillation: the `ema` of `teacher_pkl` on the
+    project's implementation of its class (checkpoint.on_project_class), guided
+    by the `ema` of `gnet_pkl` with weight `guidance` (training/guidance.py).
+    Says once when it lacks sigma_min, sigma_max or round_sigma."""
+    guidance_lib.check_guidance(gnet_pkl, guidance)
+    dist.print0(f'Loading the teacher "{teacher_pkl}"...')
+    net = checkpoint.on_project_class(_load_network(teacher_pkl, '--teacher'))
+    note = samplers.noise_range_note(net, 'The teacher', 'the noise levels of the distillation\'s grids (--sigma_min, --sigma_max)')
+    if note is not None:
+        dist.print0(note)
+    if gnet_pkl is None:
+        return net.eval().requires_grad_(False)
+    dist.print0(f'Loading the guide "{gnet_pkl}" (guidance {guidance:g})...')
+    gnet = checkpoint.on_project_class(_load_network(gnet_pkl, '--gnet'), what='The guide')
+    guidance_lib.check_guide(net, gnet, where=f'The guide "{gnet_pkl}"')
+    return guidance_lib.guided(net, gnet, guidance, gnet_name=gnet_pkl).eval().requires_grad_(False)
+
 def _check_fits_data(net, dataset_obj, data, where):
     """A network's resolution, channels and classes against the dataset of the run."""
     values = {}
@@ -182,7 +207,7 @@ def _check_fits_data(net, dataset_obj, data, where):
 
 RESUME_KEEPS = ( # Settings a resumed run may change and stay one run; a change of any other is refused.
     'total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'validation_fn', 'val_every', 'val_at_start', 'data_loader_kwargs',
-    'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl')
+    'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl', 'gnet_pkl')
 NOT_SETTINGS = ( # Keywords of training_loop() (and their entries) that say where a run starts or what it found, not what it is.
     'run_dir', 'snapshot_extras', 'wandb_run', 'device', 'inputs', 'resume_pkl', 'resume_state_dump', 'dataset_kwargs.resolution', 'dataset_kwargs.max_size')
 
@@ -245,6 +270,9 @@ def setup(
     total_kimg          = 200000,   # Length of the run, in thousands of images.
     resume_pkl          = None,     # Snapshot whose `ema` the network starts from.
     teacher_pkl         = None,     # Snapshot whose `ema` is the frozen teacher.
+    gnet_pkl            = None,     # Snapshot whose `ema` guides the teacher, None = no guidance.
+    guidance            = None,     # Guidance weight of the teacher (with gnet_pkl).
+    teacher             = None,     # load_teacher() of the above when the caller has it already (train.py).
     resume_state_dump   = None,     # Training state to continue from, or a run directory (its newest state).
     validation_fn       = None,     # Periodic evaluation (its options are checked).
     phema_stds          = None,     # sigma_rel of the power-function EMA profiles (checked).
@@ -254,7 +282,8 @@ def setup(
     """Read and check everything the run starts from (see the module doc);
     call on all ranks. Returns an EasyDict for training_loop(inputs=...)."""
     settings = run_settings(dict(loop_kwargs, dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs, loss_kwargs=loss_kwargs, seed=seed,
-        batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg, teacher_pkl=teacher_pkl, validation_fn=validation_fn, phema_stds=phema_stds))
+        batch_size=batch_size, batch_gpu=batch_gpu, total_kimg=total_kimg, teacher_pkl=teacher_pkl, gnet_pkl=gnet_pkl, guidance=guidance,
+        validation_fn=validation_fn, phema_stds=phema_stds))
     device = torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
     world_size = dist.get_world_size()
 
@@ -281,12 +310,11 @@ def setup(
 
     # The loss and its teacher; the grids the teacher gives must leave no segment empty.
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    teacher, teacher_digest = None, None
+    teacher_digest = None
     if teacher_pkl is not None:
         if not hasattr(loss_fn, 'set_teacher'):
             raise ValueError(f'teacher_pkl="{teacher_pkl}" was given, but the loss {type(loss_fn).__name__} takes no teacher; use a loss with set_teacher() or leave teacher_pkl out.')
-        dist.print0(f'Loading the teacher "{teacher_pkl}"...')
-        teacher = _load_network(teacher_pkl, '--teacher')
+        teacher = load_teacher(teacher_pkl, gnet_pkl, guidance) if teacher is None else teacher
         teacher_digest = checkpoint.tensor_digest(teacher)
         _check_fits_data(teacher, dataset_obj, dataset_kwargs['path'], f'The teacher "{teacher_pkl}"')
         loss_fn.set_teacher(teacher)
@@ -296,10 +324,10 @@ def setup(
     if resume_pkl is not None and resume_pkl == teacher_pkl:
         fix = 'pass the teacher\'s architecture options (--arch, --precond, --cbase, --cres, --cond, --augment) or --student_init=random'
         student_class = network_kwargs['class_name'].split('.')[-1]
-        if type(teacher).__name__ != student_class:
-            raise ValueError(f'The teacher "{teacher_pkl}" is of class {type(teacher).__name__}, but the student would be of class {student_class}; {fix}.')
-        checkpoint.check_tensors(checkpoint.tensor_shapes(teacher), shapes, f'The teacher "{teacher_pkl}"', fix, require_all=True)
-        init_net = teacher
+        init_net = guidance_lib.unwrap(teacher)
+        if type(init_net).__name__ != student_class:
+            raise ValueError(f'The teacher "{teacher_pkl}" is of class {type(init_net).__name__}, but the student would be of class {student_class}; {fix}.')
+        checkpoint.check_tensors(checkpoint.tensor_shapes(init_net), shapes, f'The teacher "{teacher_pkl}"', fix, require_all=True)
     elif resume_pkl is not None:
         init_net = _load_network(resume_pkl, '--transfer')
         fix = 'choose the --arch, --cbase, --cres, --cond and --augment of the network in it'
@@ -349,6 +377,8 @@ def training_loop(
     state_dump_ticks    = 500,      # Training state every this many ticks, None = never.
     resume_pkl          = None,     # Initialise the network and EMA from this snapshot's `ema`, by name.
     teacher_pkl         = None,     # Frozen teacher for loss_fn.set_teacher(): this snapshot's `ema`, None = none.
+    gnet_pkl            = None,     # Guide of the teacher: this snapshot's `ema`, None = no guidance (training/guidance.py).
+    guidance            = None,     # Guidance weight of the teacher, with gnet_pkl.
     resume_state_dump   = None,     # Continue exactly from this training state.
     cudnn_benchmark     = True,     # Let cuDNN pick the fastest kernels?
     snapshot_extras     = None,     # Extra snapshot entries: a dict, or a callable (net, ema, loss_fn, cur_nimg) -> dict.
@@ -412,6 +442,9 @@ def training_loop(
     dist.print0('Setting up the optimizer and EMA...')
     optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+    frozen = set(loss_fn.frozen_parameters(net, augment_pipe) if hasattr(loss_fn, 'frozen_parameters') else [])
+    for name, param in net.named_parameters():
+        param.requires_grad_(name not in frozen) # DDP expects a gradient of every parameter that requires one.
     ddp = steps.distributed(net, device) if dist.is_distributed() else net
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg is not None else None
 
