@@ -351,7 +351,8 @@ def write_dataset(source, transform, dest):
 
 def write_latents(source, encoder, dest, batch, device):
     """EDM2's latent dataset: per image, the encoder's raw latents (for the VAE, the
-    posterior's mean and std, float32 [8, H/8, W/8]) as 00000/img-mean-std-00000000.npy."""
+    posterior's mean and std, float32 [8, H/8, W/8]) as 00000/img-mean-std-00000000.npy;
+    dataset.json also records the encoder (encoders.describe), which train.py uses."""
     labels = []
     with open_dest(dest) as put:
         for start in tqdm(range(0, len(source), batch), desc='Encoding', unit='batch'):
@@ -366,7 +367,7 @@ def write_latents(source, encoder, dest, batch, device):
                 put(fname, buffer.getvalue())
                 labels.append([fname, source.label(idx)])
         has_labels = source.labels is not None
-        put('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
+        put('dataset.json', json.dumps({'labels': labels if has_labels else None, 'encoder': encoders.describe(encoder)}).encode('utf-8'))
     return len(labels), latents.shape[1:]
 
 #----------------------------------------------------------------------------

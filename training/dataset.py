@@ -186,6 +186,15 @@ class ImageFolderDataset(Dataset):
         """True for a dataset of raw latents (.npy), False for images."""
         return self._image_fnames[0].lower().endswith(LATENT_EXTENSION)
 
+    @property
+    def encoder_kwargs(self):
+        """The `encoder` entry of dataset.json (dataset_tool.py encode: class_name and vae_name), or None."""
+        try:
+            entry = json.loads(self._read_file('dataset.json')).get('encoder') if self._has_json else None
+        except (ValueError, AttributeError):
+            return None # _load_raw_labels() names a broken dataset.json.
+        return dict(entry) if isinstance(entry, dict) else None
+
     def _open(self, fname):
         return self._get_zipfile().open(fname) if self._type == 'zip' else open(os.path.join(self._path, fname), 'rb')
 

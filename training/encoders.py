@@ -24,6 +24,7 @@ from torch_utils import persistence
 VAE_NAME = 'stabilityai/sd-vae-ft-mse'  # The VAE of EDM2's ImageNet-512 models.
 RAW_MEAN = [5.81, 3.25, 0.12, -2.15]    # EDM2's per-channel mean of its raw latents.
 RAW_STD = [4.17, 4.62, 3.71, 3.28]      # EDM2's per-channel standard deviation of its raw latents.
+LATENT_CHANNELS = 4                     # Channels of the VAE's final latents (a network of these works on latents).
 
 #----------------------------------------------------------------------------
 
@@ -124,6 +125,32 @@ class StabilityVAEEncoder(Encoder):
         x = (x - misc.const_like(x, self.bias).reshape(1, -1, 1, 1)) / misc.const_like(x, self.scale).reshape(1, -1, 1, 1)
         x = torch.cat([self._vae.decode(batch)['sample'] for batch in x.split(self.batch_size)])
         return x.clamp(0, 1).mul(255).to(torch.uint8)
+
+#----------------------------------------------------------------------------
+# The encoder of a dataset or a snapshot.
+
+def describe(encoder):
+    """The `encoder` entry that dataset_tool.py encode writes into dataset.json:
+    the class and the VAE (a local folder as an absolute path)."""
+    vae_name = os.path.abspath(encoder.vae_name) if os.path.isdir(encoder.vae_name) else encoder.vae_name
+    return dict(class_name='training.encoders.StabilityVAEEncoder', vae_name=vae_name)
+
+def dataset_encoder(dataset_obj, vae_name=None):
+    """The encoder of a dataset: pixels for images; for raw latents (.npy) the VAE
+    `vae_name`, else the one its dataset.json records, else EDM2's."""
+    if not getattr(dataset_obj, 'is_latent', False):
+        if vae_name is not None:
+            raise ValueError(f'--vae={vae_name} applies to latent datasets, but --data holds images; leave --vae out.')
+        return StandardRGBEncoder()
+    recorded = getattr(dataset_obj, 'encoder_kwargs', None) or {}
+    if recorded.get('class_name', 'training.encoders.StabilityVAEEncoder') != 'training.encoders.StabilityVAEEncoder':
+        raise ValueError(f'The dataset.json of --data records the encoder "{recorded["class_name"]}", which is not training.encoders.StabilityVAEEncoder; rebuild it with dataset_tool.py encode.')
+    return StabilityVAEEncoder(vae_name=(vae_name or recorded.get('vae_name') or VAE_NAME))
+
+def is_latent(encoder):
+    """True for an encoder of latents (a snapshot entry of any class but StandardRGBEncoder):
+    samples are decoded through it rather than clipped to [-1, 1]."""
+    return encoder is not None and type(encoder).__name__ != 'StandardRGBEncoder'
 
 #----------------------------------------------------------------------------
 
