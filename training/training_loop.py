@@ -326,6 +326,8 @@ def setup(
         raise ValueError(f'--data: {err}') from err
     image_shape = [dataset_obj.num_channels, dataset_obj.resolution, dataset_obj.resolution]
     if encoders.is_latent(encoder):
+        if loop_kwargs.get('augment_kwargs') is not None:
+            raise ValueError(f'--augment={loop_kwargs["augment_kwargs"].get("p")} augments pixel images, but --data holds VAE latents; pass --augment=0.')
         try:
             with dist.rank0_first():
                 encoder.init(device)
@@ -426,7 +428,7 @@ def training_loop(
     generator states, with the keyword arguments net (the EMA, in eval mode),
     loss_fn, cur_tick, cur_nimg, run_dir, device and save_snapshot (a function
     of a file name that writes the current snapshot into run_dir; call it on
-    all ranks). It returns a dict: numbers go to the statistics as
+    all ranks), and in a latent run `encoder` (to decode the samples). It returns a dict: numbers go to the statistics as
     `Validation/<name>` and to W&B, other values (images) to W&B only.
     """
     loop_kwargs = dict(locals())
