@@ -124,7 +124,7 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, s
 
     \b
     # EDM2's autoguidance: the denoiser D_g + W (D - D_g) of the network D and a weaker guide D_g.
-    python generate.py --network=edm2-img64-s.pkl --gnet=edm2-img64-xs.pkl --guidance=1.4 --outdir=out
+    python generate.py --network=edm2-img64-s-1073741-0.045.pkl --gnet=edm2-img64-xs-0134217-0.110.pkl --guidance=1.7 --outdir=out
 
     \b
     # Several processes share the seeds (the images do not change).

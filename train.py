@@ -121,7 +121,7 @@ def training_config(opts, cd_given, device):
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=([0.9, 0.99] if opts.arch == 'edm2' else [0.9, 0.999]), eps=1e-8)
 
     # Network preset, preconditioning and loss; channels, augmentation, dropout, precision.
-    c.network_kwargs = dnnlib.EasyDict(presets.ARCH_PRESETS[opts.arch] if opts.student is None else opts.student)
+    c.network_kwargs = dnnlib.EasyDict(presets.ARCH_PRESETS[opts.arch] if opts.get('student') is None else opts.student)
     network_class, loss_class = presets.PRECOND_CLASSES[opts.precond]
     c.network_kwargs.setdefault('class_name', network_class)
     c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
@@ -185,7 +185,7 @@ def training_config(opts, cd_given, device):
 
 def run_description(opts, c, dataset_obj):
     """The part of the run directory's name after its id."""
-    arch = f'teacher-{opts.precond}' if opts.student is not None else opts.arch if opts.arch == 'edm2' else f'{opts.arch}-{opts.precond}'
+    arch = f'teacher-{opts.precond}' if opts.get('student') is not None else opts.arch if opts.arch == 'edm2' else f'{opts.arch}-{opts.precond}'
     desc = f'{dataset_obj.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{arch}-gpus{dist.get_world_size()}'
     desc += f'-batch{c.batch_size}-{"fp16" if c.network_kwargs.use_fp16 else "fp32"}'
     desc += f'-cd{opts.S}' if opts.consistency else ''

@@ -153,7 +153,7 @@ def test_guidance_bad_input(tmp_path):
     guide = snapshot(tmp_path / 'guide.pkl', label_dim=0, class_means=None)
     assert error(f'--network={net}', '--guidance=2', out) == 'Error: --guidance=2 needs a guiding network; pass --gnet=PKL|URL, or leave --guidance out.'
     assert error(f'--network={net}', f'--gnet={guide}', out) == \
-        'Error: --gnet was given without a guidance weight; pass --guidance=W (1 = no guidance, EDM2 publishes values from 1.2 to 2.5).'
+        'Error: --gnet was given without a guidance weight; pass --guidance=W (1 = no guidance, EDM2 publishes values from 1.2 to 2.9).'
     assert "Invalid value for '--guidance': -1.0 is not in the range x>=0." in error(f'--network={net}', f'--gnet={guide}', '--guidance=-1', out)
     student = tmp_path / 'student.pkl'
     with open(student, 'wb') as f:

@@ -7,8 +7,7 @@ probe check; guided distillation resumes bit-identically; bad input."""
 import json
 import os
 import pickle
-import subprocess
-import sys
+import socket
 
 import numpy as np
 import PIL.Image
@@ -16,9 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import generate
 import train
-from _train_helpers import ROOT, invoke, run_dirs, subprocess_env
+from _train_helpers import invoke, run_dirs
 from training import checkpoint
 from training import guidance
 from training import networks_edm2
@@ -34,7 +34,7 @@ EDM2_KWARGS = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resol
 #----------------------------------------------------------------------------
 # Helpers and fixtures.
 
-def edm2_net(seed, img_resolution=8, img_channels=3, label_dim=0, scale=3):
+def edm2_net(seed, img_resolution=4, img_channels=3, label_dim=0, scale=3):
     """A small EDM2 Precond with random weights, `scale` times the unit magnitude that forced weight normalization gives."""
     torch.manual_seed(seed)
     net = networks_edm2.Precond(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **EDM2_KWARGS).eval()
@@ -61,11 +61,18 @@ def train_ok(*args):
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result.output
 
-def generate_ok(network, outdir):
+def generate_ok(network, outdir, monkeypatch):
+    """generate.py on 4 seeds with no sampler options: its output, the images and the noise levels of every network evaluation."""
+    sigmas, load_snapshot = [], checkpoint.load_snapshot
+    def load_counting(path):
+        data = load_snapshot(path)
+        data['ema'].register_forward_pre_hook(lambda _module, args: sigmas.append(float(torch.as_tensor(args[1]).flatten()[0])))
+        return data
+    monkeypatch.setattr(checkpoint, 'load_snapshot', load_counting)
     result = CliRunner().invoke(generate.main, [f'--network={network}', f'--outdir={outdir}', '--seeds=0-3', '--device=cpu'])
     assert result.exit_code == 0, result.output + repr(result.exception)
     images = np.stack([np.asarray(PIL.Image.open(os.path.join(outdir, f'{seed:06d}.png'))) for seed in range(4)])
-    return result.output, images
+    return result.output, images, sigmas
 
 def outputs(net, seed=0, label_dim=0):
     gen = torch.Generator().manual_seed(seed)
@@ -75,13 +82,13 @@ def outputs(net, seed=0, label_dim=0):
         return net.to(torch.float32)(x * 2, torch.tensor([0.01, 0.3, 2.0, 50.0]), labels)
 
 @pytest.fixture(scope='module')
-def rgb8(tmp_path_factory):
-    """16 random RGB images of 8x8."""
-    path = tmp_path_factory.mktemp('rgb8') / 'rgb8'
+def rgb4(tmp_path_factory):
+    """16 random RGB images of 4x4."""
+    path = tmp_path_factory.mktemp('rgb4') / 'rgb4'
     path.mkdir()
     rnd = np.random.RandomState(0)
     for idx in range(16):
-        PIL.Image.fromarray(rnd.randint(0, 256, [8, 8, 3]).astype(np.uint8)).save(path / f'img{idx:02d}.png')
+        PIL.Image.fromarray(rnd.randint(0, 256, [4, 4, 3]).astype(np.uint8)).save(path / f'img{idx:02d}.png')
     return str(path)
 
 @pytest.fixture(scope='module')
@@ -91,10 +98,10 @@ def edm2_teacher(tmp_path_factory):
 #----------------------------------------------------------------------------
 # Must-show 1: distillation of an EDM2 and an EDM teacher with no architecture flags.
 
-def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_teacher, one_thread):
-    text = train_ok(f'--outdir={tmp_path}', f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001')
+def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb4, edm2_teacher, one_thread, monkeypatch):
+    text = train_ok(f'--outdir={tmp_path}', f'--data={rgb4}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001')
     run_dir, = run_dirs(str(tmp_path))
-    assert os.path.basename(run_dir) == '00000-rgb8-uncond-teacher-edm2-gpus1-batch500-fp32-cd2'
+    assert os.path.basename(run_dir) == '00000-rgb4-uncond-teacher-edm2-gpus1-batch500-fp32-cd2'
     assert 'The teacher (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of the distillation\'s grids (--sigma_min, --sigma_max) are used without rounding.' in text
     assert 'keeps the code embedded' not in text and "Network:          the teacher's architecture (training.networks_edm2.Precond), float32" in text
     with open(os.path.join(run_dir, 'training_options.json')) as f:
@@ -117,22 +124,23 @@ def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb8, edm2_te
             assert torch.allclose(rms, torch.ones_like(rms), atol=0.02), (name, rms)
 
     # generate.py samples the student in S = 2 steps, with no sampler flags.
-    text, images = generate_ok(os.path.join(run_dir, 'network-snapshot-0000000-0.100.pkl'), tmp_path / 'out')
-    assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3) and images.std() > 0
+    text, images, sigmas = generate_ok(os.path.join(run_dir, 'network-snapshot-0000000-0.100.pkl'), tmp_path / 'out', monkeypatch)
+    assert 'student sampler, S=2' in text and images.shape == (4, 4, 4, 3) and images.std() > 0
+    assert sigmas == pytest.approx(first['consistency']['student_sigmas'][:2]) # S = 2 evaluations, at the student's noise levels.
 
     # The teacher with EDM's sampler: its grid without rounding, said once.
     result = CliRunner().invoke(generate.main, [f'--network={edm2_teacher}', f'--outdir={tmp_path / "heun"}', '--seeds=0', '--steps=2', '--device=cpu'])
     assert result.exit_code == 0, result.output
     assert result.output.count('The network (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of --sigma_min, --sigma_max and --steps are used') == 1
 
-def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_path, rgb8, one_thread):
-    train_ok(f'--outdir={tmp_path / "teacher"}', '--nosubdir', f'--data={rgb8}', '--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0',
+def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_path, rgb4, one_thread, monkeypatch):
+    train_ok(f'--outdir={tmp_path / "teacher"}', '--nosubdir', f'--data={rgb4}', '--arch=ddpmpp', '--cbase=16', '--cres=1', '--augment=0',
         '--dropout=0.05', *RUN, '--duration=0.001')
     teacher_pkl = str(tmp_path / 'teacher' / 'network-snapshot-000000.pkl')
     teacher = load(teacher_pkl)['ema']
-    train_ok(f'--outdir={tmp_path / "cd"}', f'--data={rgb8}', f'--teacher={teacher_pkl}', *RUN, *CD, '--duration=0.001')
+    train_ok(f'--outdir={tmp_path / "cd"}', f'--data={rgb4}', f'--teacher={teacher_pkl}', *RUN, *CD, '--duration=0.001')
     run_dir, = run_dirs(str(tmp_path / 'cd'))
-    assert os.path.basename(run_dir) == '00000-rgb8-uncond-teacher-edm-gpus1-batch500-fp32-cd2'
+    assert os.path.basename(run_dir) == '00000-rgb4-uncond-teacher-edm-gpus1-batch500-fp32-cd2'
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)
     expected = dict(teacher.init_kwargs, class_name='training.networks.EDMPrecond')
@@ -142,31 +150,47 @@ def test_edm_teacher_written_by_train_py_distils_without_architecture_flags(tmp_
     assert options['resume_pkl'] == teacher_pkl and 'augment_kwargs' not in options
     first = load(os.path.join(run_dir, 'network-snapshot-000000.pkl'))['ema']
     assert first.state_dict().keys() == teacher.state_dict().keys() and all(torch.equal(v, teacher.state_dict()[k]) for k, v in first.state_dict().items())
-    text, images = generate_ok(os.path.join(run_dir, 'network-snapshot-000000.pkl'), tmp_path / 'out')
-    assert 'student sampler, S=2' in text and images.shape == (4, 8, 8, 3)
+    text, images, sigmas = generate_ok(os.path.join(run_dir, 'network-snapshot-000001.pkl'), tmp_path / 'out', monkeypatch)
+    assert 'student sampler, S=2' in text and images.shape == (4, 4, 4, 3) and images.std() > 0
+    assert sigmas == pytest.approx(load(os.path.join(run_dir, 'network-snapshot-000001.pkl'))['consistency']['student_sigmas'][:2])
 
-def test_edm2_student_trains_on_two_ranks_like_on_one(tmp_path, rgb8, edm2_teacher, one_thread):
-    """DDP needs a gradient for every trained parameter: the uncertainty head, which the distillation never
-    uses, is frozen (loss_fn.frozen_parameters). 2 gloo ranks give the weights of 1 rank of 2 rounds up to
-    rounding (not bitwise: forced weight normalization runs once per round, so twice on the one rank)."""
-    args = [f'--data={rgb8}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001', '--batch-gpu=250']
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', f'--outdir={tmp_path / "two"}', *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=subprocess_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    train_ok(f'--outdir={tmp_path / "one"}', *args)
-    two, one = (torch.load(os.path.join(run_dirs(str(tmp_path / name))[0], 'training-state-000001.pt'), weights_only=False) for name in ('two', 'one'))
-    assert two['world_size'] == 2 and one['world_size'] == 1
-    assert two['net'].keys() == one['net'].keys()
-    for name, value in one['net'].items():
-        torch.testing.assert_close(two['net'][name], value, rtol=0, atol=1e-5)
+def test_edm2_student_trains_under_ddp(tmp_path, rgb4, edm2_teacher, one_thread, monkeypatch):
+    """DDP needs a gradient of every parameter that requires one, so the uncertainty head, which the distillation
+    never uses, is frozen (loss_fn.frozen_parameters): a one-rank gloo group (DDP's checks, in this process) trains
+    as a plain process does, bit for bit; without the freezing DDP stops at the second step."""
+    args = [f'--data={rgb4}', f'--teacher={edm2_teacher}', *RUN, *CD, '--duration=0.001']
+    train_ok(f'--outdir={tmp_path / "plain"}', *args)
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    for name, value in dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, LOCAL_WORLD_SIZE=1, MASTER_ADDR='127.0.0.1', MASTER_PORT=port).items():
+        monkeypatch.setenv(name, str(value))
+    train_ok(f'--outdir={tmp_path / "ddp"}', *args)
+    plain, ddp = (torch.load(os.path.join(run_dirs(str(tmp_path / name))[0], 'training-state-000001.pt'), weights_only=False) for name in ('plain', 'ddp'))
+    assert plain['net'].keys() == ddp['net'].keys() and all(torch.equal(plain['net'][k], ddp['net'][k]) for k in plain['net'])
     teacher = load(edm2_teacher)['ema'].state_dict()
-    assert torch.equal(one['net']['logvar_linear.weight'], teacher['logvar_linear.weight'].to(torch.float32)) # Not trained.
+    assert torch.equal(ddp['net']['logvar_linear.weight'], teacher['logvar_linear.weight'].to(torch.float32)) # Not trained.
+    monkeypatch.setattr(ConsistencyDistillLoss, 'frozen_parameters', lambda self, net, augment_pipe=None: [])
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "unfrozen"}', *args])
+    assert result.exit_code != 0 and 'parameters that were not used in producing loss' in str(result.exception)
+
+@pytest.mark.parametrize('precond', ['VPPrecond', 'VEPrecond'])
+def test_vp_and_ve_teachers_need_no_architecture_flags(tmp_path, rgb4, precond):
+    net = dnnlib.util.construct_class_by_name(class_name=f'training.networks.{precond}', img_resolution=4, img_channels=3, label_dim=0,
+        model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1)
+    teacher = write(tmp_path / 'teacher.pkl', dict(ema=net))
+    result = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "out"}', f'--data={rgb4}', f'--teacher={teacher}', *RUN, *CD, '--dry-run'])
+    assert result.exit_code == 0, result.output
+    options = json.loads(result.output[result.output.index('Training options:') + len('Training options:'):result.output.index('Run directory:')])
+    assert options['network_kwargs'] == dict(class_name=f'training.networks.{precond}', model_type='SongUNet', model_channels=16, channel_mult=[1],
+        num_blocks=1, use_fp16=False)
+    assert options['resume_pkl'] == teacher and f'-uncond-teacher-{precond[:2].lower()}-gpus1-' in options['run_dir']
 
 def test_layers_the_distillation_never_uses_are_frozen():
     names = lambda net: [name for name, _param in net.named_parameters()]
     edm2 = ConsistencyDistillLoss().frozen_parameters(edm2_net(seed=0))
     assert edm2 == [name for name in names(edm2_net(seed=0)) if name.startswith('logvar_')] and edm2 # EDM2's uncertainty head.
-    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1, augment_dim=9)
+    net = EDMPrecond(img_resolution=4, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1, augment_dim=9)
     assert ConsistencyDistillLoss().frozen_parameters(net) == ['model.map_augment.weight'] # No augmentation labels without a pipeline.
     assert ConsistencyDistillLoss().frozen_parameters(net, augment_pipe=object()) == []
 
@@ -195,9 +219,9 @@ def test_teacher_of_embedded_code_runs_on_the_projects_class(tmp_path):
 #----------------------------------------------------------------------------
 # Must-show 5: a guided distillation resumes bit-identically.
 
-def test_guided_distillation_resumes_bit_identically(tmp_path, rgb8, edm2_teacher, one_thread):
+def test_guided_distillation_resumes_bit_identically(tmp_path, rgb4, edm2_teacher, one_thread):
     gnet = write(tmp_path / 'guide.pkl', dict(ema=edm2_net(seed=2, scale=1)))
-    args = [f'--data={rgb8}', f'--teacher={edm2_teacher}', f'--gnet={gnet}', '--guidance=1.5', *RUN, *CD, '--cd_target_mode=teacher']
+    args = [f'--data={rgb4}', f'--teacher={edm2_teacher}', f'--gnet={gnet}', '--guidance=1.5', *RUN, *CD, '--cd_target_mode=teacher']
     text = train_ok(f'--outdir={tmp_path / "a"}', *args, '--duration=0.002')
     assert f'guided by "{gnet}" (guidance 1.5)' in text
     train_ok(f'--outdir={tmp_path / "bc"}', *args, '--duration=0.001', '--desc=b')
@@ -216,9 +240,9 @@ def test_guided_distillation_resumes_bit_identically(tmp_path, rgb8, edm2_teache
     snapshot = load(os.path.join(dir_c, 'network-snapshot-0000002-0.050.pkl'))
     assert snapshot['consistency']['guidance'] == dict(weight=1.5, gnet=gnet) # What the student learned.
 
-def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb8, edm2_teacher, one_thread):
+def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb4, edm2_teacher, one_thread):
     gnet = write(tmp_path / 'guide.pkl', dict(ema=edm2_net(seed=2, scale=1)))
-    kwargs = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=rgb8), network_kwargs=dict(class_name='training.networks_edm2.Precond',
+    kwargs = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=rgb4), network_kwargs=dict(class_name='training.networks_edm2.Precond',
         **EDM2_KWARGS), loss_kwargs=dict(class_name='training.loss_cd.ConsistencyDistillLoss', S=2, T_start=4, T_end=4), batch_size=8, teacher_pkl=edm2_teacher,
         resume_pkl=edm2_teacher, device=torch.device('cpu'))
     plain = training_loop.setup(**kwargs)
@@ -233,9 +257,9 @@ def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb8, 
 #----------------------------------------------------------------------------
 # Bad input: one sentence each.
 
-def test_bad_guides_and_teachers(tmp_path, rgb8, edm2_teacher):
-    base = [f'--outdir={tmp_path / "out"}', f'--data={rgb8}', *RUN, *CD, f'--teacher={edm2_teacher}']
-    for kwargs, what in [(dict(img_resolution=16), 'has resolution 16, but the guided network has 8; pass a guide of the network\'s resolution.'),
+def test_bad_guides_and_teachers(tmp_path, rgb4, edm2_teacher):
+    base = [f'--outdir={tmp_path / "out"}', f'--data={rgb4}', *RUN, *CD, f'--teacher={edm2_teacher}']
+    for kwargs, what in [(dict(img_resolution=16), 'has resolution 16, but the guided network has 4; pass a guide of the network\'s resolution.'),
             (dict(img_channels=1), 'has channel count 1, but the guided network has 3; pass a guide of the network\'s channel count.'),
             (dict(label_dim=5), 'is conditioned on 5 classes, but the guided network on 0; pass an unconditional guide (classifier-free guidance) '
                 'or one of the network\'s classes (autoguidance).')]:
@@ -244,7 +268,7 @@ def test_bad_guides_and_teachers(tmp_path, rgb8, edm2_teacher):
     assert invoke(*base, '--guidance=2') == 'Error: --guidance=2 needs a guiding network; pass --gnet=PKL|URL, or leave --guidance out.'
     result = CliRunner().invoke(train.main, [*base, f'--gnet={gnet}', '--guidance=-1'])
     assert result.exit_code == 2 and "Error: Invalid value for '--guidance': -1.0 is not in the range x>=0." in result.output
-    assert invoke(f'--outdir={tmp_path / "out"}', f'--data={rgb8}', f'--gnet={gnet}') == \
+    assert invoke(f'--outdir={tmp_path / "out"}', f'--data={rgb4}', f'--gnet={gnet}') == \
         'Error: --gnet applies only to consistency distillation; pass --consistency=True or leave it out.'
 
     # A teacher class without an implementation here: the student's architecture must be given.

@@ -39,7 +39,7 @@ def check_guidance(gnet, guidance):
     if gnet is None and guidance is not None:
         raise ValueError(f'--guidance={guidance:g} needs a guiding network; pass --gnet=PKL|URL, or leave --guidance out.')
     if gnet is not None and guidance is None:
-        raise ValueError('--gnet was given without a guidance weight; pass --guidance=W (1 = no guidance, EDM2 publishes values from 1.2 to 2.5).')
+        raise ValueError('--gnet was given without a guidance weight; pass --guidance=W (1 = no guidance, EDM2 publishes values from 1.2 to 2.9).')
     if guidance is not None and not guidance >= 0:
         raise ValueError(f'--guidance={guidance:g} is negative; pass a weight of 0 or more (0 = the guide alone, 1 = no guidance).')
 
