@@ -1,6 +1,7 @@
 """Build datasets in the EDM format that train.py reads: PNG files named
 00000/img00000000.png in a folder or zip, plus dataset.json with the labels."""
 
+import contextlib
 import gzip
 import io
 import json
@@ -15,9 +16,11 @@ import zipfile
 import click
 import numpy as np
 import PIL.Image
+import torch
 from tqdm import tqdm
 
 import dnnlib
+from training import encoders
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')                            # File types read as images.
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')                         # PIL modes kept single-channel.
@@ -295,7 +298,10 @@ def check_dest(dest):
     except ValueError as err:
         raise click.ClickException(str(err)) from err
 
-def write_dataset(source, transform, dest):
+@contextlib.contextmanager
+def open_dest(dest):
+    """put(fname, bytes) into a folder or zip under a temporary name, renamed to
+    `dest` when the block ends without an error; removed otherwise."""
     dest = os.path.normpath(dest)
     to_zip = dest.lower().endswith('.zip')
     parent = os.path.dirname(os.path.abspath(dest))
@@ -312,16 +318,7 @@ def write_dataset(source, transform, dest):
                 f.write(data)
 
     try:
-        labels = []
-        for idx in tqdm(range(len(source)), desc='Writing', unit='img'):
-            image = transform(source.image(idx))
-            fname = f'{idx // 1000:05d}/img{idx:08d}.png'
-            buffer = io.BytesIO()
-            PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format='png')
-            put(fname, buffer.getvalue())
-            labels.append([fname, source.label(idx)])
-        has_labels = source.labels is not None
-        put('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
+        yield put
         if to_zip:
             archive.close()
         check_dest(dest)
@@ -336,8 +333,42 @@ def write_dataset(source, transform, dest):
         else:
             shutil.rmtree(temp, ignore_errors=True)
         raise
+
+def write_dataset(source, transform, dest):
+    labels = []
+    with open_dest(dest) as put:
+        for idx in tqdm(range(len(source)), desc='Writing', unit='img'):
+            image = transform(source.image(idx))
+            fname = f'{idx // 1000:05d}/img{idx:08d}.png'
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format='png')
+            put(fname, buffer.getvalue())
+            labels.append([fname, source.label(idx)])
+        has_labels = source.labels is not None
+        put('dataset.json', json.dumps({'labels': labels if has_labels else None}).encode('utf-8'))
     num_classes = len({label for _fname, label in labels}) if has_labels else None
     return len(labels), image.shape, num_classes
+
+def write_latents(source, encoder, dest, batch, device):
+    """EDM2's latent dataset: per image, the encoder's raw latents (for the VAE, the
+    posterior's mean and std, float32 [8, H/8, W/8]) as 00000/img-mean-std-00000000.npy;
+    dataset.json also records the encoder (encoders.describe), which train.py uses."""
+    labels = []
+    with open_dest(dest) as put:
+        for start in tqdm(range(0, len(source), batch), desc='Encoding', unit='batch'):
+            indices = range(start, min(start + batch, len(source)))
+            images = torch.from_numpy(np.stack([source.image(idx) for idx in indices])).permute(0, 3, 1, 2).to(device)
+            with torch.no_grad():
+                latents = encoder.encode_pixels(images).to(torch.float32).cpu().numpy()
+            for idx, latent in zip(indices, latents):
+                fname = f'{idx // 1000:05d}/img-mean-std-{idx:08d}.npy'
+                buffer = io.BytesIO()
+                np.save(buffer, latent)
+                put(fname, buffer.getvalue())
+                labels.append([fname, source.label(idx)])
+        has_labels = source.labels is not None
+        put('dataset.json', json.dumps({'labels': labels if has_labels else None, 'encoder': encoders.describe(encoder)}).encode('utf-8'))
+    return len(labels), latents.shape[1:]
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -350,13 +381,34 @@ def parse_resolution(_ctx, _param, value):
         raise click.BadParameter(f'{value!r} is not WxH with positive integers; pass e.g. --resolution=32x32.')
     return int(match.group(1)), int(match.group(2))
 
-@click.command()
+class ConvertByDefault(click.Group):
+    """A group whose first argument, unless it names a command, goes to 'convert' (EDM's command line)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] != '--help':
+            args = ['convert', *args]
+        return super().parse_args(ctx, args)
+
+@click.group(cls=ConvertByDefault)
+def main():
+    """Build the datasets that train.py reads.
+
+    \b
+    A dataset in the EDM format (the command name 'convert' may be left out):
+      python dataset_tool.py --source=digits --dest=datasets/digits-16x16.zip --resolution=16x16
+
+    \b
+    EDM2's latent ImageNet-512 from such a dataset of 512x512 images:
+      python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    """
+
+@main.command()
 @click.option('--source',     help="Input folder, .zip, .tar.gz, .npz, or 'digits'", metavar='PATH', required=True)
 @click.option('--dest',       help='Output folder, or a path ending in .zip', metavar='PATH', required=True)
 @click.option('--max-images', help='Convert at most this many images', type=click.IntRange(min=1), metavar='INT')
 @click.option('--resolution', help='Output size, e.g. 32x32 (default: keep)', callback=parse_resolution, metavar='WxH')
 @click.option('--transform',  help='Crop before resizing (default: resize only)', type=click.Choice(['center-crop', 'center-crop-wide']))
-def main(source, dest, max_images, resolution, transform):
+def convert(source, dest, max_images, resolution, transform):
     """Convert a dataset to the EDM format that train.py reads.
 
     \b
@@ -399,6 +451,44 @@ def main(source, dest, max_images, resolution, transform):
     height, width, channels = shape
     classes = 'no labels' if num_classes is None else f'{num_classes} classes'
     click.echo(f'Wrote {count} images of {channels}x{height}x{width} ({classes}) to {dest}')
+
+@main.command()
+@click.option('--source',     help='Images: a dataset made by convert, or any source convert takes', metavar='PATH', required=True)
+@click.option('--dest',       help='Output folder, or a path ending in .zip', metavar='PATH', required=True)
+@click.option('--vae',        help='VAE: Hugging Face hub name or local folder', metavar='NAME|DIR', type=str, default=encoders.VAE_NAME, show_default=True)
+@click.option('--batch',      help='Images per VAE call', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--max-images', help='Encode at most this many images', type=click.IntRange(min=1), metavar='INT')
+@click.option('--device',     help='Device that runs the VAE (default: cuda if available)', metavar='STR', type=str)
+def encode(source, dest, vae, batch, max_images, device):
+    """Encode RGB images into EDM2's latent dataset (VAE posterior mean and std).
+
+    \b
+    Example (ImageNet-512, as EDM2):
+      python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    """
+    check_dest(dest)
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    source_data = open_source(source, max_images)
+    try:
+        sizes = source_data.sizes()
+        odd = [idx for idx, size in enumerate(sizes) if size != sizes[0]]
+        if odd:
+            first, other = [f'{source_data.describe(i)} is {sizes[i][0]}x{sizes[i][1]}' for i in (0, odd[0])]
+            raise click.ClickException(f'Source {source!r} mixes resolutions ({first}, {other}); make all images one size with "python dataset_tool.py convert --resolution=WxH" first.')
+        width, height = sizes[0]
+        if width % 8 or height % 8:
+            raise click.ClickException(f'Source {source!r} holds {width}x{height} images; the VAE needs sizes divisible by 8, e.g. "python dataset_tool.py convert --resolution=512x512" first.')
+        if source_data.image(0).shape[2] != 3:
+            raise click.ClickException(f'Source {source!r} holds grayscale images; the VAE encodes RGB images.')
+        encoder = encoders.StabilityVAEEncoder(vae_name=vae, batch_size=batch)
+        try:
+            encoder.init(device)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from err
+        count, shape = write_latents(source_data, encoder, dest, batch=batch, device=device)
+    finally:
+        source_data.close()
+    click.echo(f'Wrote the latents of {count} images, {shape[0]}x{shape[1]}x{shape[2]} each, to {dest}')
 
 #----------------------------------------------------------------------------
 

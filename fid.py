@@ -1,6 +1,8 @@
 """Fréchet distance of a set of images to reference statistics: FID with
-EDM's Inception-v3 detector, or FD-pixels with the weight-free pixel detector.
-Works in a single process and under torchrun, each rank reading a share."""
+EDM's Inception-v3 detector, FD-DINOv2 with EDM2's DINOv2 ViT-L/14, or
+FD-pixels with the weight-free pixel detector; several of them from one pass
+over the images, and precision and recall on their features. Works in a
+single process and under torchrun, each rank reading a share."""
 
 import contextlib
 import os
@@ -21,22 +23,29 @@ def user_errors():
     except ValueError as err:
         raise click.ClickException(str(err)) from err
 
-def dataset_stats(images, detector, batch, workers):
-    """Mean and covariance of the detector's features of all images, over all ranks."""
-    dist.print0(f'Computing features of {len(images)} images with detector "{detector.name}" on {dist.get_world_size()} rank(s)...')
-    stats = metrics.compute_dataset_stats(images, detector, batch_size=batch, num_workers=workers, progress=(dist.get_rank() == 0))
-    return stats.mean_cov()
+def dataset_stats(images, detectors, batch, workers, keep_features=False):
+    """FeatureStats of every detector's features of all images, over all ranks, from one pass."""
+    names = ', '.join(f'"{det.name}"' for det in detectors)
+    dist.print0(f'Computing features of {len(images)} images with detector{"s" if len(detectors) > 1 else ""} {names} on {dist.get_world_size()} rank(s)...')
+    return metrics.compute_dataset_stats(images, detectors, batch_size=batch, num_workers=workers, progress=(dist.get_rank() == 0), keep_features=keep_features)
 
 #----------------------------------------------------------------------------
 
 @click.group()
 def main():
-    """Fréchet distance of generated images to a dataset (FID or FD-pixels).
+    """Fréchet distance of generated images to a dataset (FID, FD-DINOv2 or FD-pixels).
 
     \b
     Reference statistics of a dataset, then the FID of 50,000 generated images:
       python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
       python fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz
+
+    \b
+    EDM2's figures against its published reference (ImageNet-512), with precision and recall
+    against a reference of the dataset that holds features (written with --metrics=...,pr):
+      python fid.py calc --images=out --ref=https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl --metrics=fid,fd_dinov2
+      python fid.py ref --data=datasets/img512.zip --dest=fid-refs/img512-pr.pkl --metrics=fid,fd_dinov2,pr
+      python fid.py calc --images=out --ref=fid-refs/img512-pr.pkl --metrics=fid,fd_dinov2,pr
 
     \b
     Offline, without the Inception-v3 download (reported as FD-pixels):
@@ -49,7 +58,9 @@ def main():
       torchrun --standalone --nproc_per_node=8 -- fid.py calc --images=fid-tmp --ref=REF.npz --num=10000
     """
 
-detector_option = click.option('--detector', help="'inception', 'pixels', or a pickled network", metavar='NAME|PKL|URL', type=str, default=metrics.INCEPTION_NAME, show_default=True)
+detector_option = click.option('--detector', help="'inception', 'dinov2', 'pixels', or a pickled network", metavar='NAME|PKL|URL', type=str, default=metrics.INCEPTION_NAME, show_default=True)
+metrics_option = click.option('--metrics', 'metric_names', help="Any of fid, fd_dinov2, fd_pixels, pr (default: the Fréchet distance of --detector)", metavar='LIST', type=str)
+pr_num_option = click.option('--pr_num', help='Most images of each set for precision and recall', metavar='INT', type=click.IntRange(min=4), default=10000, show_default=True)
 batch_option = click.option('--batch', help='Images per detector call on each rank', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 workers_option = click.option('--workers', help='Data loader processes per rank', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 
@@ -57,30 +68,43 @@ workers_option = click.option('--workers', help='Data loader processes per rank'
 
 @main.command()
 @click.option('--images', 'image_path', help='Images to evaluate', metavar='DIR|ZIP', type=str, required=True)
-@click.option('--ref', 'ref_path',      help='Reference statistics of the dataset', metavar='NPZ|URL', type=str, required=True)
+@click.option('--ref', 'ref_path',      help='Reference statistics of the dataset', metavar='NPZ|PKL|URL', type=str, required=True)
 @click.option('--num',                  help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed',                 help='Seed that picks the images when there are more', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @batch_option
 @detector_option
+@metrics_option
+@pr_num_option
 @workers_option
-def calc(image_path, ref_path, num, seed, batch, detector, workers):
-    """Fréchet distance of a folder or zip of images to reference statistics."""
+def calc(image_path, ref_path, num, seed, batch, detector, metric_names, pr_num, workers):
+    """Fréchet distances (and precision and recall) of a folder or zip of images to reference statistics."""
     device = dist.init()
     dist.print0(f'Loading reference statistics from "{ref_path}"...')
     with user_errors():
+        names, with_pr = metrics.parse_metrics(metric_names, detector)
         with dist.rank0_first():
-            ref = metrics.load_ref_stats(ref_path)
-        metrics.check_ref_stats(ref, metrics.detector_name(detector))
-        detector = metrics.load_detector(detector, device=device)
+            refs = [metrics.load_ref_stats(ref_path, name, need_features=with_pr) for name in names]
+        for ref_stats, name in zip(refs, names):
+            metrics.check_ref_stats(ref_stats, name)
+        detectors = [metrics.load_detector(name, device=device) for name in names]
         images = metrics.open_image_dataset(image_path, num=num, seed=seed)
-        metrics.check_ref_stats(ref, detector.name, detector.feature_dim(images.image_shape))
-    if ref.detector is not None and ref.detector != detector.name:
-        dist.print0(f'Note: the reference statistics come from detector "{ref.detector}", the images go through "{detector.name}".')
+        for ref_stats, det in zip(refs, detectors):
+            metrics.check_ref_stats(ref_stats, det.name, det.feature_dim(images.image_shape))
+    for ref_stats, det in zip(refs, detectors):
+        if ref_stats.detector is not None and ref_stats.detector != det.name:
+            dist.print0(f'Note: the reference statistics come from detector "{ref_stats.detector}", the images go through "{det.name}".')
 
-    mu, sigma = dataset_stats(images, detector, batch, workers)
+    stats = dataset_stats(images, detectors, batch, workers, keep_features=with_pr)
     if dist.get_rank() == 0:
-        value = metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma)
-        print(f'{detector.label}: {value:g}')
+        with user_errors():
+            for ref_stats, det, det_stats in zip(refs, detectors, stats):
+                mu, sigma = det_stats.mean_cov()
+                print(f'{det.label}: {metrics.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma):g}')
+                if with_pr:
+                    fake = metrics.subsample(det_stats.feature_array(), pr_num, seed=seed)
+                    pr = metrics.precision_recall(metrics.subsample(ref_stats.features, pr_num), fake, device=device)
+                    print(f'Precision-{det.feature_label}: {pr["precision"]:g}')
+                    print(f'Recall-{det.feature_label}: {pr["recall"]:g}')
     dist.barrier()
     dist.shutdown()
 
@@ -88,26 +112,39 @@ def calc(image_path, ref_path, num, seed, batch, detector, workers):
 
 @main.command()
 @click.option('--data', 'data_path', help='Dataset', metavar='DIR|ZIP', type=str, required=True)
-@click.option('--dest', 'dest_path', help='Where to write the statistics', metavar='NPZ', type=str, required=True)
+@click.option('--dest', 'dest_path', help='Where to write the statistics (.pkl: EDM2\'s format)', metavar='NPZ|PKL', type=str, required=True)
 @batch_option
 @detector_option
+@metrics_option
+@pr_num_option
 @workers_option
-def ref(data_path, dest_path, batch, detector, workers):
+def ref(data_path, dest_path, batch, detector, metric_names, pr_num, workers):
     """Reference statistics of a dataset, needed by 'calc'."""
     if os.path.isdir(dest_path):
-        raise click.ClickException(f'--dest={dest_path} is a folder; pass the path of an .npz file to write.')
+        raise click.ClickException(f'--dest={dest_path} is a folder; pass the path of an .npz or .pkl file to write.')
     if os.path.exists(dest_path):
         raise click.ClickException(f'--dest={dest_path} already exists; delete it or pass another path, so that no reference statistics are replaced by mistake.')
     device = dist.init()
     with user_errors():
+        names, with_pr = metrics.parse_metrics(metric_names, detector)
+        kind = metrics.ref_format(dest_path, names, with_pr)
         dnnlib.util.check_writable(dest_path, '--dest')
-        detector = metrics.load_detector(detector, device=device)
+        detectors = [metrics.load_detector(name, device=device) for name in names]
         images = metrics.open_image_dataset(data_path)
-        detector.feature_dim(images.image_shape)
-    mu, sigma = dataset_stats(images, detector, batch, workers)
+        for det in detectors:
+            det.feature_dim(images.image_shape)
+    stats = dataset_stats(images, detectors, batch, workers, keep_features=with_pr)
     if dist.get_rank() == 0:
-        metrics.save_ref_stats(dest_path, mu, sigma, detector=detector.name)
-        print(f'Wrote reference statistics of {len(images)} images ({mu.shape[0]} features, detector "{detector.name}") to "{dest_path}".')
+        entries = dict()
+        for det, det_stats in zip(detectors, stats):
+            mu, sigma = det_stats.mean_cov()
+            entries[det.name] = dict(mu=mu, sigma=sigma, features=(metrics.subsample(det_stats.feature_array(), pr_num) if with_pr else None))
+        if kind == 'npz':
+            metrics.save_ref_stats(dest_path, mu, sigma, detector=detectors[0].name)
+        else:
+            metrics.save_ref_pickle(dest_path, len(images), entries)
+        what = '; '.join(f'{entry["mu"].shape[0]} features, detector "{name}"' for name, entry in entries.items())
+        print(f'Wrote reference statistics of {len(images)} images ({what}) to "{dest_path}".')
     dist.barrier()
     dist.shutdown()
 

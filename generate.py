@@ -1,5 +1,7 @@
 """Generate images from a network snapshot: a teacher with EDM's Heun sampler
 (or the Euler baseline), a multistep consistency student with its S steps.
+A latent snapshot (EDM2's, or of train.py on latents) is decoded through its
+`encoder` to PNGs of the image size.
 
 Each image depends only on its seed: latents, class labels and sampler noise
 come from one random generator per seed, so the batch size and the number of
@@ -10,6 +12,7 @@ import os
 import re
 
 import click
+import numpy as np
 import PIL.Image
 import torch
 import tqdm
@@ -17,6 +20,7 @@ import tqdm
 import dnnlib
 from torch_utils import distributed as dist
 from training import checkpoint
+from training import encoders
 from training import guidance as guidance_lib
 from training import samplers
 
@@ -87,6 +91,7 @@ def save_png(image, path):
 @click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                      type=click.IntRange(min=0))
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',                      type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid',                    help='Also save all images as one grid PNG', metavar='PNG',                 type=str)
+@click.option('--save_latents',            help='Also save a latent snapshot\'s raw latents as .npy', metavar='BOOL',    type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
 @click.option('--device',                  help='Device to run on', metavar='auto|cuda|cpu',                          type=click.Choice(['auto', 'cuda', 'cpu']), default='auto', show_default=True)
 
 @click.option('--sampler',                 help='auto = student if the snapshot is one, else heun', metavar='auto|heun|euler|student', type=click.Choice(['auto', 'heun', 'euler', 'student']), default='auto', show_default=True)
@@ -102,7 +107,7 @@ def save_png(image, path):
 @click.option('--gnet', 'gnet_pkl',        help='Guiding network (heun/euler): unconditional or weaker', metavar='PKL|URL', type=str)
 @click.option('--guidance',                help='Guidance weight with --gnet, 1 = none', metavar='FLOAT',              type=click.FloatRange(min=0))
 
-def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, device, sampler, stochastic, gnet_pkl, guidance, **sampler_kwargs):
+def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, save_latents, device, sampler, stochastic, gnet_pkl, guidance, **sampler_kwargs):
     """Generate images with a diffusion network or a multistep consistency student.
 
     Examples:
@@ -146,6 +151,12 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
             gnet = checkpoint.load_snapshot(gnet_pkl)['ema']
             guidance_lib.check_guide(data['ema'], gnet, where=f'The guide "{gnet_pkl}"')
         net = guidance_lib.guided(data['ema'], gnet, guidance, gnet_name=gnet_pkl).to(device).eval().requires_grad_(False)
+        encoder = data.get('encoder') if encoders.is_latent(data.get('encoder')) else None # None: images in [-1, 1].
+        if save_latents and (encoder is None or outdir is None):
+            raise ValueError(f'--save_latents keeps the latents of a latent snapshot next to its PNGs in --outdir, but '
+                + (f'"{network_pkl}" makes pixel images; leave it out.' if encoder is None else 'no --outdir was given; give one.'))
+        if encoder is not None:
+            encoder.init(device)
 
     # Check the options against the network.
     if class_idx is not None and net.label_dim == 0:
@@ -192,14 +203,17 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, d
         if len(batch_seeds) == 0:
             continue
 
-        images = samplers.generate_images(net, batch_seeds.tolist(), device, sample_fn, classes=class_idx, **sample_kwargs)
-        images = samplers.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        images = samplers.generate_images(net, batch_seeds.tolist(), device, sample_fn, classes=class_idx, clip=(encoder is None), **sample_kwargs)
+        latents = images.to(torch.float32).cpu().numpy() if save_latents else [None] * len(images)
+        images = (samplers.to_uint8(images) if encoder is None else encoder.decode(images)).permute(0, 2, 3, 1).cpu().numpy()
 
-        for seed, image in zip(batch_seeds.tolist(), images):
+        for seed, image, latent in zip(batch_seeds.tolist(), images, latents):
             if outdir is not None:
                 image_dir = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
                 os.makedirs(image_dir, exist_ok=True)
                 save_png(image, os.path.join(image_dir, f'{seed:06d}.png'))
+                if save_latents:
+                    dnnlib.util.write_atomic(os.path.join(image_dir, f'{seed:06d}.npy'), lambda f, latent=latent: np.save(f, latent))
             if grid is not None:
                 results.append((seed, image))
 

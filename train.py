@@ -140,7 +140,7 @@ def training_config(opts, cd_given, device):
         ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
     c.update(total_kimg=max(int(opts.duration * 1000), 1), ema_halflife_kimg=(opts.ema * 1000 if opts.ema is not None else None),
         ema_rampup_ratio=ema_rampup_ratio, phema_stds=opts.phema, lr_rampup_kimg=opts.lr_rampup, lr_decay_batches=(opts.decay or None), batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench,
-        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed, max_bad_steps=opts.max_bad_steps)
+        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed, max_bad_steps=opts.max_bad_steps, vae_name=opts.vae)
 
     # Consistency distillation: its options only with --consistency=True.
     if not opts.consistency and len(cd_given) > 0:
@@ -237,6 +237,7 @@ def init_wandb(opts, c):
 # What to train.
 @click.option('--outdir',           help='Parent folder of the run directories', metavar='DIR',                type=str, required=True)
 @click.option('--data',             help='Dataset zip or folder made by dataset_tool.py', metavar='ZIP|DIR',   type=str, required=True)
+@click.option('--vae',              help='VAE of a latent --data: hub name or local folder  [default: the one its dataset.json records]', metavar='NAME|DIR', type=str)
 @click.option('--cond',             help='Condition on the class labels', metavar='BOOL',                     type=bool, default=False, show_default=True)
 @click.option('--arch',             help='Network preset',                                                     type=click.Choice(['ddpmpp', 'ncsnpp', 'adm', 'edm2']), default='ddpmpp', show_default=True)
 @click.option('--precond',          help='Preconditioning and loss of the EDM architectures  [default: edm]',  type=click.Choice(['vp', 've', 'edm']))
@@ -315,9 +316,9 @@ def init_wandb(opts, c):
 @click.option('--val_num',          help='Images for the Frechet distance, 0 = agreement only', metavar='INT', type=click.IntRange(min=0), default=10000, show_default=True)
 @click.option('--val_seed',         help='Seed of the first validation image', metavar='INT',                 type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--val_batch',        help='Images per sampler and detector call on each rank', metavar='INT',  type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--val_ref',          help='Reference statistics of the dataset', metavar='NPZ|URL',            type=str)
+@click.option('--val_ref',          help='Reference statistics of the dataset', metavar='NPZ|PKL|URL',        type=str)
 @click.option('--val_ref_data',     help='Dataset to compute the reference statistics from  [default: --data]', metavar='ZIP|DIR', type=str)
-@click.option('--val_detector',     help="Feature detector: 'inception', 'pixels', or a pickled network", metavar='NAME|PKL|URL', type=str, default='inception', show_default=True)
+@click.option('--val_detector',     help="Feature detector: 'inception', 'dinov2', 'pixels', or a pickled network", metavar='NAME|PKL|URL', type=str, default='inception', show_default=True)
 @click.option('--val_teacher',      help="Also the teacher's Frechet distance, once per run", metavar='BOOL',  type=bool, default=True, show_default=True)
 @click.option('--val_agree_num',    help='Seeds of the teacher agreement (distillation), 0 = none', metavar='INT', type=click.IntRange(min=0), default=1000, show_default=True)
 

@@ -209,3 +209,40 @@ def test_bad_max_size(tmp_path):
         ImageFolderDataset(path=path, max_size=0)
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# EDM2's latent datasets: one float32 .npy [C, H, W] per image.
+
+def write_latent_zip(path, latents, labels=None, extra=()):
+    with zipfile.ZipFile(path, 'w') as archive:
+        names = []
+        for idx, latent in enumerate(latents):
+            buffer = io.BytesIO()
+            np.save(buffer, latent)
+            names.append(f'{idx // 1000:05d}/img-mean-std-{idx:08d}.npy')
+            archive.writestr(names[-1], buffer.getvalue())
+        archive.writestr('dataset.json', json.dumps({'labels': None if labels is None else [[n, l] for n, l in zip(names, labels)]}))
+        for name, data in extra:
+            archive.writestr(name, data)
+    return str(path)
+
+def test_latent_dataset(tmp_path):
+    latents = np.random.default_rng(0).standard_normal([4, 8, 2, 3]).astype(np.float32)
+    dataset = ImageFolderDataset(path=write_latent_zip(tmp_path / 'latents.zip', latents, labels=[2, 0, 1, 2]), use_labels=True)
+    dataset.check_headers()
+    assert dataset.is_latent and len(dataset) == 4 and dataset.image_shape == [8, 2, 3] and dataset.label_dim == 3
+    for idx in range(4):
+        image, label = dataset[idx]
+        assert image.dtype == np.float32
+        np.testing.assert_array_equal(image, latents[idx])
+        assert label.argmax() == [2, 0, 1, 2][idx]
+
+def test_latent_dataset_mistakes(tmp_path):
+    latents = [np.zeros([8, 2, 2], np.float32), np.zeros([8, 4, 4], np.float32)]
+    dataset = ImageFolderDataset(path=write_latent_zip(tmp_path / 'mixed.zip', latents))
+    with pytest.raises(ValueError, match=r"Latents '00000/img-mean-std-00000001.npy' in .* are float32 of shape \[8, 4, 4\] but the first are float of shape \[8, 2, 2\]; rebuild"):
+        dataset.check_headers()
+    png = io.BytesIO()
+    PIL.Image.fromarray(np.zeros([2, 2], np.uint8)).save(png, format='png')
+    with pytest.raises(ValueError, match=r"holds both images \('x.png'\) and latents \('00000/img-mean-std-00000000.npy'\); keep one kind per dataset"):
+        ImageFolderDataset(path=write_latent_zip(tmp_path / 'both.zip', latents[:1], extra=[('x.png', png.getvalue())]))

@@ -365,3 +365,61 @@ def test_max_images_out_of_range(tmp_path):
     assert not (tmp_path / 'out.zip').exists()
 
 #----------------------------------------------------------------------------
+# encode: EDM2's latent datasets, with a tiny AutoencoderKL saved by the test.
+
+@pytest.fixture(scope='module')
+def vae_folder(tmp_path_factory):
+    from _tiny_vae import save_tiny_vae # pylint: disable=import-outside-toplevel
+    return save_tiny_vae(tmp_path_factory.mktemp('vae') / 'tiny-vae')
+
+def rgb_dataset(path, n=5, size=16):
+    images = random_images(n, (size, size, 3), seed=3)
+    np.savez(path.parent / 'rgb.npz', images=images, labels=np.arange(n) % 3)
+    run_ok(f'--source={path.parent / "rgb.npz"}', f'--dest={path}')
+    return images
+
+def test_encode_writes_edm2_latents(tmp_path, vae_folder):
+    from _tiny_vae import tiny_vae # pylint: disable=import-outside-toplevel
+    import torch # pylint: disable=import-outside-toplevel
+    images = rgb_dataset(tmp_path / 'rgb.zip')
+    result = run_ok('encode', f'--source={tmp_path / "rgb.zip"}', f'--dest={tmp_path / "latents.zip"}', f'--vae={vae_folder}', '--batch=2', '--device=cpu')
+    assert result.stdout.strip().splitlines()[-1] == f'Wrote the latents of 5 images, 8x2x2 each, to {tmp_path / "latents.zip"}'
+    names = [f'00000/img-mean-std-{idx:08d}.npy' for idx in range(5)]
+    with zipfile.ZipFile(tmp_path / 'latents.zip') as archive:
+        assert sorted(archive.namelist()) == [*names, 'dataset.json']
+        latents = np.stack([np.load(io.BytesIO(archive.read(name)), allow_pickle=False) for name in names])
+        assert json.loads(archive.read('dataset.json'))['labels'] == [[name, idx % 3] for idx, name in enumerate(names)]
+    with torch.no_grad():
+        dist = tiny_vae().encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)['latent_dist']
+    assert latents.dtype == np.float32 and latents.shape == (5, 8, 2, 2)
+    np.testing.assert_allclose(latents, torch.cat([dist.mean, dist.std], dim=1).numpy(), rtol=1e-5, atol=1e-6)
+    dataset = ImageFolderDataset(path=str(tmp_path / 'latents.zip'), use_labels=True) # As train.py reads it.
+    dataset.check_headers()
+    assert dataset.is_latent and dataset.image_shape == [8, 2, 2] and dataset.label_dim == 3
+    np.testing.assert_array_equal(dataset[4][0], latents[4])
+    assert sorted(os.listdir(tmp_path)) == ['latents.zip', 'rgb.npz', 'rgb.zip']
+
+def test_encode_failure_leaves_nothing(tmp_path, vae_folder, monkeypatch):
+    rgb_dataset(tmp_path / 'rgb.zip')
+    calls = []
+    def failing(self, x):
+        calls.append(x.shape[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt # As when the user stops it.
+        return x.new_zeros([x.shape[0], 8, 2, 2], dtype=torch.float32)
+    import torch # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(dataset_tool.encoders.StabilityVAEEncoder, 'encode_pixels', failing)
+    result = run_tool('encode', f'--source={tmp_path / "rgb.zip"}', f'--dest={tmp_path / "latents.zip"}', f'--vae={vae_folder}', '--batch=2', '--device=cpu')
+    assert result.exit_code != 0 and calls == [2, 2]
+    assert sorted(os.listdir(tmp_path)) == ['rgb.npz', 'rgb.zip']
+
+def test_encode_bad_input(tmp_path, vae_folder):
+    rgb_dataset(tmp_path / 'rgb.zip')
+    expect_error(r'VAE folder ".*missing" does not exist; download it by other means', 'encode', f'--source={tmp_path / "rgb.zip"}', f'--dest={tmp_path / "l.zip"}', f'--vae={tmp_path / "missing"}', '--device=cpu')
+    np.savez(tmp_path / 'odd.npz', images=random_images(2, (12, 12, 3)))
+    expect_error(r"holds 12x12 images; the VAE needs sizes divisible by 8", 'encode', f'--source={tmp_path / "odd.npz"}', f'--dest={tmp_path / "l.zip"}', f'--vae={vae_folder}')
+    np.savez(tmp_path / 'gray.npz', images=random_images(2, (16, 16)))
+    expect_error(r"holds grayscale images; the VAE encodes RGB images\.$", 'encode', f'--source={tmp_path / "gray.npz"}', f'--dest={tmp_path / "l.zip"}', f'--vae={vae_folder}')
+    assert not (tmp_path / 'l.zip').exists()
+
+#----------------------------------------------------------------------------

@@ -225,3 +225,42 @@ def test_check_ref_stats_refuses_other_detectors():
     metrics.check_ref_stats(dnnlib.EasyDict(ref, detector='inception'), 'net.pkl', 64)
 
 #----------------------------------------------------------------------------
+# Precision and recall (Kynkäänniemi et al. 2019), on point sets with known overlap.
+
+def clusters(rng, centers, per_cluster, dim=5, spread=0.1):
+    return np.concatenate([c + rng.uniform(-spread, spread, [per_cluster, dim]) for c in centers])
+
+def test_precision_recall_of_sets_with_known_overlap():
+    rng = np.random.default_rng(0)
+    far = [np.full(5, 100.0 * i) for i in range(5)] # Clusters much farther apart than any neighbour radius.
+    real = clusters(rng, far[:3], 10)               # Clusters A, B, C.
+    fake = np.concatenate([real[:10], clusters(rng, far[3:4], 30)]) # A copy of A, and a cluster D the real set lacks.
+    pr = metrics.precision_recall(real, fake)
+    assert pr['precision'] == pytest.approx(10 / 40) and pr['recall'] == pytest.approx(10 / 30)
+    assert metrics.precision_recall(real, real) == dict(precision=1.0, recall=1.0)
+    # A subset of the real set: every fake point is real (precision 1); its manifold covers the cluster it samples.
+    pr = metrics.precision_recall(real, real[10:20], batch=7)
+    assert pr == dict(precision=1.0, recall=pytest.approx(10 / 30))
+
+def test_precision_recall_radius_is_the_kth_neighbour():
+    # On a line: real points 0, 1, ..., 9; the 3rd nearest other point of an inner point is 2 away.
+    real = np.arange(10.0)[:, None]
+    assert metrics.precision_recall(real, np.array([[4.5], [11.9], [12.1], [30], [31], [32], [33]]))['precision'] == pytest.approx(2 / 7) # 9 reaches 9 + 3.
+    with pytest.raises(ValueError, match=r'need more than 3 generated feature vectors, not \[3, 1\]; use more images'):
+        metrics.precision_recall(real, real[:3])
+    with pytest.raises(ValueError, match='Reference features have 1 dimensions but generated ones 2'):
+        metrics.precision_recall(real, np.zeros([5, 2]))
+
+#----------------------------------------------------------------------------
+# The metrics of fid.py calc --metrics.
+
+def test_parse_metrics():
+    assert metrics.parse_metrics(None, 'dinov2') == (['dinov2'], False)
+    assert metrics.parse_metrics('fid,fd_dinov2,pr') == (['inception', 'dinov2'], True)
+    assert metrics.parse_metrics('fd_dinov2, fid', 'net.pkl') == (['dinov2', 'net.pkl'], False) # A pickled network stands in for Inception.
+    assert metrics.parse_metrics('pr', 'pixels') == (['pixels'], True)
+    with pytest.raises(ValueError) as info:
+        metrics.parse_metrics('fid,fd_dino')
+    assert str(info.value) == '--metrics=fid,fd_dino names the unknown metric "fd_dino"; choose from fid, fd_dinov2, fd_pixels, pr.'
+
+#----------------------------------------------------------------------------

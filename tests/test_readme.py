@@ -44,7 +44,7 @@ def script_invocation(command):
 def test_option_tables_equal_the_scripts_options():
     text = readme_text()
     specs = [m.group('spec') for m in update_readme.BLOCK_RE.finditer(text)]
-    assert specs == ['train.py', 'generate.py', 'fid.py calc', 'fid.py ref', 'dataset_tool.py', 'reconstruct_phema.py', 'demo.py', 'convert_snapshot.py']
+    assert specs == ['train.py', 'generate.py', 'fid.py calc', 'fid.py ref', 'dataset_tool.py convert', 'dataset_tool.py encode', 'reconstruct_phema.py', 'demo.py', 'convert_snapshot.py']
     assert update_readme.render(text) == text, 'README.md option tables are out of date; run "python update_readme.py".'
     # Every option of every script appears in its table, but the hidden old spellings of renamed options.
     for spec in specs:

@@ -1,5 +1,7 @@
 """Image datasets with optional class labels, read from the folders and zip
-archives that dataset_tool.py writes (the EDM dataset format)."""
+archives that dataset_tool.py writes (the EDM dataset format), and EDM2's
+latent datasets (`dataset_tool.py encode`): one float32 .npy array [C, H, W]
+per image, the raw latents of an encoder (training/encoders.py)."""
 
 import io
 import json
@@ -12,6 +14,7 @@ import PIL.Image
 import torch
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')                # File types that count as images.
+LATENT_EXTENSION = '.npy'                                   # File type of the raw latents of one image.
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')             # PIL modes read as one channel.
 
 #----------------------------------------------------------------------------
@@ -164,6 +167,10 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f'Dataset path {self._path!r} does not exist; pass a folder or .zip made by dataset_tool.py.')
 
         self._image_fnames = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        latents = sorted(n for n in names if os.path.splitext(n)[1].lower() == LATENT_EXTENSION)
+        if latents and self._image_fnames:
+            raise ValueError(f'Dataset path {self._path!r} holds both images ({self._image_fnames[0]!r}) and latents ({latents[0]!r}); keep one kind per dataset.')
+        self._image_fnames = self._image_fnames or latents
         self._has_json = 'dataset.json' in names
         if len(self._image_fnames) == 0:
             raise ValueError(f'Dataset path {self._path!r} holds no PNG or JPEG images; pass a folder or .zip made by dataset_tool.py.')
@@ -174,13 +181,45 @@ class ImageFolderDataset(Dataset):
         name = os.path.splitext(os.path.basename(os.path.normpath(self._path)))[0]
         super().__init__(name=name, raw_shape=[len(self._image_fnames), *first.shape], **super_kwargs)
 
-    def check_headers(self):
-        """Raise ValueError naming the first image whose header cannot be read or whose size or
-        channels differ from the first image's; reads the headers only."""
-        _channels, height, width = self._raw_shape[1:]
+    @property
+    def is_latent(self):
+        """True for a dataset of raw latents (.npy), False for images."""
+        return self._image_fnames[0].lower().endswith(LATENT_EXTENSION)
+
+    @property
+    def encoder_kwargs(self):
+        """The `encoder` entry of dataset.json (dataset_tool.py encode: class_name and vae_name), or None."""
+        try:
+            entry = json.loads(self._read_file('dataset.json')).get('encoder') if self._has_json else None
+        except (ValueError, AttributeError):
+            return None # _load_raw_labels() names a broken dataset.json.
+        return dict(entry) if isinstance(entry, dict) else None
+
+    def _open(self, fname):
+        return self._get_zipfile().open(fname) if self._type == 'zip' else open(os.path.join(self._path, fname), 'rb')
+
+    def _check_latent_headers(self):
         for fname in self._image_fnames:
             try:
-                with (self._get_zipfile().open(fname) if self._type == 'zip' else open(os.path.join(self._path, fname), 'rb')) as f:
+                with self._open(fname) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _fortran_order, dtype = read(f)
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise ValueError(f'Latents {fname!r} in {self._path!r} cannot be read ({e}); rebuild the dataset with dataset_tool.py encode.') from e
+            if dtype.kind != 'f' or int(np.prod(shape)) != int(np.prod(self._raw_shape[1:])) or tuple(shape[-2:]) != tuple(self._raw_shape[2:]):
+                raise ValueError(f'Latents {fname!r} in {self._path!r} are {dtype} of shape {list(shape)} but the first are float of shape {self._raw_shape[1:]}; rebuild the dataset with dataset_tool.py encode.')
+
+    def check_headers(self):
+        """Raise ValueError naming the first image (or latents) whose header cannot be read or whose
+        size or channels differ from the first one's; reads the headers only."""
+        _channels, height, width = self._raw_shape[1:]
+        if self.is_latent:
+            self._check_latent_headers()
+            return
+        for fname in self._image_fnames:
+            try:
+                with self._open(fname) as f:
                     with PIL.Image.open(f) as pil:
                         size, gray = pil.size, pil.mode in GRAY_MODES
             except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as e:
@@ -209,8 +248,23 @@ class ImageFolderDataset(Dataset):
     def __getstate__(self):
         return dict(self.__dict__, _zipfile=None)
 
+    def _load_raw_latents(self, fname):
+        try:
+            latents = np.load(io.BytesIO(self._read_file(fname)), allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f'Latents {fname!r} in {self._path!r} cannot be read ({e}); rebuild the dataset with dataset_tool.py encode.') from e
+        if latents.ndim < 2 or latents.dtype.kind != 'f':
+            raise ValueError(f'Latents {fname!r} in {self._path!r} are {latents.dtype} of shape {list(latents.shape)}, not a float array [C, H, W]; rebuild the dataset with dataset_tool.py encode.')
+        return latents.reshape(-1, *latents.shape[-2:]).astype(np.float32)
+
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
+        if fname.lower().endswith(LATENT_EXTENSION):
+            image = self._load_raw_latents(fname)
+            expected = getattr(self, '_raw_shape', None)
+            if expected is not None and list(image.shape) != expected[1:]:
+                raise ValueError(f'Latents {fname!r} in {self._path!r} have shape {list(image.shape)} but the first have {expected[1:]}; rebuild the dataset with dataset_tool.py encode.')
+            return image
         try:
             with PIL.Image.open(io.BytesIO(self._read_file(fname))) as pil:
                 if pil.mode not in ('L', 'RGB'):

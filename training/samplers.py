@@ -295,12 +295,13 @@ class StackedRandomGenerator:
 #----------------------------------------------------------------------------
 # Images of seeds.
 
-def generate_images(net, seeds, device, sample_fn, classes=None, **sample_kwargs):
+def generate_images(net, seeds, device, sample_fn, classes=None, clip=True, **sample_kwargs):
     """Sample the images of `seeds` with `sample_fn(net, latents, class_labels,
     randn_like, **sample_kwargs)`. Each seed's generator draws its latents, then
     (for a conditional network) a random class, which `classes` overrides: an int
     for every image or one class index per seed. Returns float64 [N, C, H, W]
-    images clipped to [-1, 1]."""
+    images clipped to [-1, 1] (with `clip`; a latent network's final latents are
+    not clipped)."""
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
     class_labels = None
@@ -311,7 +312,7 @@ def generate_images(net, seeds, device, sample_fn, classes=None, **sample_kwargs
         class_labels = torch.eye(net.label_dim, device=device)[idx]
     with torch.no_grad():
         images = sample_fn(net, latents, class_labels, randn_like=rnd.randn_like, **sample_kwargs)
-    return images.to(torch.float64).clip(-1, 1)
+    return images.to(torch.float64).clip(-1, 1) if clip else images.to(torch.float64)
 
 def to_uint8(images):
     """Images in [-1, 1] -> uint8 (N, C, H, W), quantized as generate.py writes them."""

@@ -37,19 +37,19 @@ def micro_batch_seed(seed, step, index):
 
 def accumulate_gradients(ddp, loss_fn, next_batch, num_rounds, batch_size, loss_scaling=1, augment_pipe=None, seed=None, step=0, first_index=0):
     """Forward and backward passes over `num_rounds` micro-batches from
-    `next_batch()` (images in [-1, 1] and labels, on the device). The loss is
+    `next_batch()` (images in [-1, 1], or final latents, and labels, on the device). The loss is
     summed and divided by the global `batch_size` (times `loss_scaling`); a
     DDP module from distributed() sums the gradients over the ranks on the
     last round only, so that the result is the gradient of the mean loss over
     the global batch whatever the numbers of ranks and rounds. Given a `seed`,
     the torch generators (CPU and CUDA) are seeded before round k by
-    micro_batch_seed(seed, step, first_index + k): the random numbers of a
+    micro_batch_seed(seed, step, first_index + k), before its batch is drawn: the random numbers of a
     micro-batch depend on its place in the global batch, not on the rank."""
     for round_idx in range(num_rounds):
         with misc.ddp_sync(ddp, sync=(round_idx == num_rounds - 1)):
-            images, labels = next_batch()
             if seed is not None:
                 torch.manual_seed(micro_batch_seed(seed, step, first_index + round_idx))
+            images, labels = next_batch() # After the seed: a latent dataset draws its posterior samples here.
             loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
             training_stats.report('Loss/loss', loss)
             (loss.sum() * (loss_scaling / batch_size)).backward()

@@ -29,6 +29,12 @@ Hooks for other losses and for in-training evaluation, all optional:
   to network_kwargs' `use_fp16`, which takes effect on CUDA). A resumed run
   loads it again from the same path. A `resume_pkl` equal to `teacher_pkl`
   starts the network from the teacher itself (same class, names and shapes).
+* The dataset's encoder (training/encoders.py) turns its batches into what
+  the network sees: pixels into [-1, 1]; EDM2's raw latents (.npy, the VAE
+  posterior's mean and std) into a posterior draw, normalized, with the VAE
+  that `vae_name` or the dataset's dataset.json names. The network is sized
+  by the encoder's output; a latent run records the encoder in its snapshots
+  (`encoder`, as EDM2's) and hands it to validation, which decodes.
 * `phema_stds` adds EDM2's power-function EMA profiles (training/phema.py):
   every snapshot tick writes `network-snapshot-<kimg:07d>-<sigma_rel:.3f>.pkl`
   for each, besides EDM's `network-snapshot-<kimg:06d>.pkl` of the classic EMA
@@ -89,6 +95,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoint
+from training import encoders
 from training import guidance as guidance_lib
 from training import phema
 from training import samplers
@@ -185,19 +192,27 @@ def load_teacher(teacher_pkl, gnet_pkl=None, guidance=None):
     guidance_lib.check_guide(net, gnet, where=f'The guide "{gnet_pkl}"')
     return guidance_lib.guided(net, gnet, guidance, gnet_name=gnet_pkl).eval().requires_grad_(False)
 
-def _check_fits_data(net, dataset_obj, data, where):
-    """A network's resolution, channels and classes against the dataset of the run."""
+def _check_fits_data(net, dataset_obj, data, where, interface):
+    """A network's resolution, channels and classes against the dataset of the run
+    (`interface`: those of the network it implies, after the encoder)."""
     values = {}
     for attr in ('img_resolution', 'img_channels', 'label_dim'):
         values[attr] = getattr(net, attr, None)
         if not isinstance(values[attr], int):
             raise ValueError(f'{where} holds a {type(net).__name__} without an integer {attr}; pass a network snapshot of an EDM-style network.')
     res, ch, labels = values['img_resolution'], values['img_channels'], values['label_dim']
-    data_res = dataset_obj.resolution
+    data_res, data_ch = interface['img_resolution'], interface['img_channels']
+    latent = getattr(dataset_obj, 'is_latent', False)
+    if latent and (ch, res) != (data_ch, data_res):
+        raise ValueError(f'{where} works on {ch}-channel {res}x{res} images, but {data} holds VAE latents ({data_ch}x{data_res}x{data_res} once encoded); '
+            f'pass a teacher trained on such latents (e.g. an edm2-img512 snapshot), or --data with pixel images for this teacher.')
+    if not latent and ch == encoders.LATENT_CHANNELS and ch != data_ch:
+        raise ValueError(f'{where} works on {ch}-channel VAE latents, but {data} holds {data_ch}-channel pixel images; '
+            f'pass --data with their latents (dataset_tool.py encode), or a pixel teacher.')
     if res != data_res:
         raise ValueError(f'{where} works on {res}x{res} images, but {data} holds {data_res}x{data_res} images; pass --data at the teacher\'s resolution.')
-    if ch != dataset_obj.num_channels:
-        raise ValueError(f'{where} works on {ch}-channel images, but {data} holds {dataset_obj.num_channels}-channel images; pass --data with the teacher\'s channels.')
+    if ch != data_ch:
+        raise ValueError(f'{where} works on {ch}-channel images, but {data} holds {data_ch}-channel images; pass --data with the teacher\'s channels.')
     if labels != dataset_obj.label_dim:
         if dataset_obj.label_dim == 0:
             raise ValueError(f'{where} is conditioned on {labels} classes, but this run is unconditional; pass --cond=True with a dataset of {labels} classes.')
@@ -207,7 +222,7 @@ def _check_fits_data(net, dataset_obj, data, where):
 
 RESUME_KEEPS = ( # Settings a resumed run may change and stay one run; a change of any other is refused.
     'total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'validation_fn', 'val_every', 'val_at_start', 'data_loader_kwargs',
-    'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl', 'gnet_pkl')
+    'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl', 'gnet_pkl', 'vae_name')
 NOT_SETTINGS = ( # Keywords of training_loop() (and their entries) that say where a run starts or what it found, not what it is.
     'run_dir', 'snapshot_extras', 'wandb_run', 'device', 'inputs', 'resume_pkl', 'resume_state_dump', 'dataset_kwargs.resolution', 'dataset_kwargs.max_size')
 
@@ -271,6 +286,7 @@ def setup(
     resume_pkl          = None,     # Snapshot whose `ema` the network starts from.
     teacher_pkl         = None,     # Snapshot whose `ema` is the frozen teacher.
     gnet_pkl            = None,     # Snapshot whose `ema` guides the teacher, None = no guidance.
+    vae_name            = None,     # VAE of a latent dataset (hub name or folder), None = the one its dataset.json records.
     guidance            = None,     # Guidance weight of the teacher (with gnet_pkl).
     teacher             = None,     # load_teacher() of the above when the caller has it already (train.py).
     resume_state_dump   = None,     # Training state to continue from, or a run directory (its newest state).
@@ -302,10 +318,24 @@ def setup(
             dataset_obj.check_headers()
         except ValueError as err:
             raise ValueError(f'--data: {err}') from err
+    encoder = encoders.dataset_encoder(dataset_obj, vae_name)
     try:
-        interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
+        latent_shape = encoder.encode_latents(torch.zeros([1, *dataset_obj.image_shape])).shape # The network's images: final latents.
+        interface_kwargs = dict(img_resolution=latent_shape[-1], img_channels=latent_shape[1], label_dim=dataset_obj.label_dim)
     except ValueError as err:
         raise ValueError(f'--data: {err}') from err
+    image_shape = [dataset_obj.num_channels, dataset_obj.resolution, dataset_obj.resolution]
+    if encoders.is_latent(encoder):
+        if loop_kwargs.get('augment_kwargs') is not None:
+            raise ValueError(f'--augment={loop_kwargs["augment_kwargs"].get("p")} augments pixel images, but --data holds VAE latents; pass --augment=0.')
+        try:
+            with dist.rank0_first():
+                encoder.init(device)
+        except ValueError as err:
+            raise ValueError(f'--data: {dataset_kwargs["path"]} holds latents of the VAE "{encoder.vae_name}", which cannot be loaded ({str(err).split("; ")[0]}); '
+                f'pass --vae with its folder (AutoencoderKL.save_pretrained) or hub name.') from err
+        if validation_fn is not None: # The decoded images that validation's detector sees.
+            image_shape = list(encoder.decode(torch.zeros([1, *latent_shape[1:]], device=device)).shape[1:])
     shapes = checkpoint.network_shapes(network_kwargs, interface_kwargs)
 
     # The loss and its teacher; the grids the teacher gives must leave no segment empty.
@@ -316,7 +346,7 @@ def setup(
             raise ValueError(f'teacher_pkl="{teacher_pkl}" was given, but the loss {type(loss_fn).__name__} takes no teacher; use a loss with set_teacher() or leave teacher_pkl out.')
         teacher = load_teacher(teacher_pkl, gnet_pkl, guidance) if teacher is None else teacher
         teacher_digest = checkpoint.tensor_digest(teacher)
-        _check_fits_data(teacher, dataset_obj, dataset_kwargs['path'], f'The teacher "{teacher_pkl}"')
+        _check_fits_data(teacher, dataset_obj, dataset_kwargs['path'], f'The teacher "{teacher_pkl}"', interface_kwargs)
         loss_fn.set_teacher(teacher)
 
     # The weights the network starts from: the teacher's (same class, names and shapes) or a --transfer snapshot's.
@@ -343,13 +373,13 @@ def setup(
             raise ValueError(f'--resume: {err}') from err
         _check_resume(state, resume_state_dump, shapes, settings, loss_fn, teacher_digest)
 
-    _check_validation(validation_fn, [dataset_obj.num_channels, dataset_obj.resolution, dataset_obj.resolution], device)
+    _check_validation(validation_fn, image_shape, device)
     if phema_stds is not None:
         phema.check_stds(phema_stds)
     if seed is None:
         seed = int(state['seed']) if state is not None else dist.broadcast_object(int.from_bytes(os.urandom(4), 'little') % (1 << 31))
-    return dnnlib.EasyDict(dataset_obj=dataset_obj, loss_fn=loss_fn, teacher=teacher, teacher_digest=teacher_digest, init_net=init_net, state=state,
-        resume_state_dump=resume_state_dump, seed=seed, batch_gpu=batch_gpu, num_accumulation_rounds=batch_gpu_total // batch_gpu, device=device)
+    return dnnlib.EasyDict(dataset_obj=dataset_obj, encoder=encoder, interface_kwargs=interface_kwargs, loss_fn=loss_fn, teacher=teacher, teacher_digest=teacher_digest,
+        init_net=init_net, state=state, resume_state_dump=resume_state_dump, seed=seed, batch_gpu=batch_gpu, num_accumulation_rounds=batch_gpu_total // batch_gpu, device=device)
 
 #----------------------------------------------------------------------------
 
@@ -378,6 +408,7 @@ def training_loop(
     resume_pkl          = None,     # Initialise the network and EMA from this snapshot's `ema`, by name.
     teacher_pkl         = None,     # Frozen teacher for loss_fn.set_teacher(): this snapshot's `ema`, None = none.
     gnet_pkl            = None,     # Guide of the teacher: this snapshot's `ema`, None = no guidance (training/guidance.py).
+    vae_name            = None,     # VAE of a latent dataset, None = the one its dataset.json records (training/encoders.py).
     guidance            = None,     # Guidance weight of the teacher, with gnet_pkl.
     resume_state_dump   = None,     # Continue exactly from this training state.
     cudnn_benchmark     = True,     # Let cuDNN pick the fastest kernels?
@@ -397,7 +428,7 @@ def training_loop(
     generator states, with the keyword arguments net (the EMA, in eval mode),
     loss_fn, cur_tick, cur_nimg, run_dir, device and save_snapshot (a function
     of a file name that writes the current snapshot into run_dir; call it on
-    all ranks). It returns a dict: numbers go to the statistics as
+    all ranks), and in a latent run `encoder` (to decode the samples). It returns a dict: numbers go to the statistics as
     `Validation/<name>` and to W&B, other values (images) to W&B only.
     """
     loop_kwargs = dict(locals())
@@ -405,6 +436,7 @@ def training_loop(
     if inputs is None:
         inputs = setup(**loop_kwargs)
     device, seed, dataset_obj, loss_fn, state = inputs.device, inputs.seed, inputs.dataset_obj, inputs.loss_fn, inputs.state
+    encoder, latent = inputs.encoder, encoders.is_latent(inputs.encoder) # Latent runs record the encoder in their snapshots and pass it to validation.
     settings = run_settings(dict(loop_kwargs, seed=seed))
     teacher_digest = inputs.teacher_digest
     batch_gpu, num_accumulation_rounds = inputs.batch_gpu, inputs.num_accumulation_rounds
@@ -430,8 +462,7 @@ def training_loop(
 
     # The network, with a summary on rank 0.
     dist.print0('Building the network...' + (f' ({torch.get_num_threads()} CPU threads per rank)' if device.type == 'cpu' else ''))
-    interface_kwargs = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels, label_dim=dataset_obj.label_dim)
-    net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs)
+    net = dnnlib.util.construct_class_by_name(**network_kwargs, **inputs.interface_kwargs)
     net.train().requires_grad_(True).to(device)
     if rank == 0:
         with torch.no_grad():
@@ -489,6 +520,7 @@ def training_loop(
         snapshot_net = eval_net if snapshot_net is None else snapshot_net
         _check_finite([snapshot_net], cur_tick, cur_nimg, divergence_fix)
         extras = snapshot_extras(net=net, ema=snapshot_net, loss_fn=loss_fn, cur_nimg=cur_nimg) if callable(snapshot_extras) else snapshot_extras
+        extras = dict(extras or {}, **(dict(encoder=encoder) if latent else {}))
         data = checkpoint.snapshot_data(ema=snapshot_net, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs, extras=extras)
         if rank == 0:
             checkpoint.save_snapshot(os.path.join(run_dir, file_name), data)
@@ -506,7 +538,8 @@ def training_loop(
 
     # Validation.
     def validate():
-        kwargs = dict(net=eval_net, loss_fn=loss_fn, cur_tick=cur_tick, cur_nimg=cur_nimg, run_dir=run_dir, device=device, save_snapshot=save_snapshot)
+        kwargs = dict(net=eval_net, loss_fn=loss_fn, cur_tick=cur_tick, cur_nimg=cur_nimg, run_dir=run_dir, device=device, save_snapshot=save_snapshot,
+            **(dict(encoder=encoder) if latent else {}))
         with preserved_rng_states(device):
             if callable(validation_fn):
                 figures = validation_fn(**kwargs)
@@ -542,7 +575,7 @@ def training_loop(
         except ValueError as err: # The dataset's sentence, also from a data-loader worker (the last line of its traceback).
             reason = str(err).strip().splitlines()[-1].removeprefix('ValueError: ')
             raise TrainingStopped(f'Training stopped at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {reason}') from err
-        return images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device)
+        return encoder.encode_latents(images.to(device)), labels.to(device)
     while True:
 
         # One optimizer step over the global batch.

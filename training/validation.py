@@ -24,7 +24,8 @@ Decisions where the issue is silent:
 * Features are taken of the images quantized as generate.py writes them;
   for an unconditional network (generate.py draws random classes) `fid`
   equals `fid.py calc` on generate.py's images of the same seeds. With the
-  pixel detector the figure is `fd_pixels`, never `fid`.
+  pixel detector the figure is `fd_pixels`, never `fid`; with DINOv2 it is
+  `fd_dinov2`.
 * Agreement. Student and teacher images of the first `agree_num` seeds
   (same latents and labels), clipped to [-1, 1], unquantized, float64:
   `agree_rmse` = sqrt(MSE) over all their pixels, `agree_psnr` =
@@ -34,7 +35,7 @@ Decisions where the issue is silent:
   ranks' shares add up exactly. The teacher's images are kept in memory
   (float32, CPU) after the first validation of a process. Skipped for EDM
   training and for a loss without a teacher.
-* Reference statistics come from `ref` (an .npz or URL) or are computed
+* Reference statistics come from `ref` (an .npz, an EDM2-style .pkl, or a URL) or are computed
   once from the dataset `ref_data` and kept in the run directory as
   `val-ref-<detector>-<hash of detector and dataset path>.npz`. train.py
   passes its training dataset as `ref_data` when neither is given; the
@@ -173,12 +174,14 @@ def ref_file_name(detector, ref_data):
 # Reference statistics.
 
 def _load_ref(path, det, dim):
-    ref = metrics.load_ref_stats(path)
+    ref = metrics.load_ref_stats(path, det.name)
     metrics.check_ref_stats(ref, det.name, dim)
     return ref
 
 def _open_ref_data(ref_data, image_shape):
     images = metrics.open_image_dataset(ref_data)
+    if getattr(images, 'is_latent', False):
+        raise ValueError(f'Validation dataset ref_data="{ref_data}" holds latents, not images; pass ref (--val_ref, e.g. EDM2\'s img512.pkl) or ref_data with the images they encode.')
     if list(images.image_shape) != list(image_shape):
         raise ValueError(f'Validation dataset ref_data="{ref_data}" holds images of shape {list(images.image_shape)} but the network makes {list(image_shape)}; pass the dataset the network is trained on.')
     return images
@@ -227,10 +230,10 @@ def _rank_batches(total, batch):
     the same batches whatever the number of ranks."""
     return _batches(list(range(total)), batch)[dist.get_rank() :: dist.get_world_size()]
 
-def generate_images(net, indices, seed, device, sample_fn, **sample_kwargs):
+def generate_images(net, indices, seed, device, sample_fn, clip=True, **sample_kwargs):
     """Images of the global indices `indices` (seeds seed + i, class i % label_dim),
-    as float64 [N, C, H, W] clipped to [-1, 1]."""
-    return samplers.generate_images(net, [seed + i for i in indices], device, sample_fn, classes=indices, **sample_kwargs)
+    as float64 [N, C, H, W] clipped to [-1, 1] (final latents unclipped with clip=False)."""
+    return samplers.generate_images(net, [seed + i for i in indices], device, sample_fn, classes=indices, clip=clip, **sample_kwargs)
 
 _teacher_cache = weakref.WeakKeyDictionary() # teacher -> {(seed, class, heun_steps): float32 CPU image}
 
@@ -247,7 +250,7 @@ def _teacher_images(teacher, indices, opts, device, new_images=None):
             cache[key(i)] = image.to('cpu', torch.float32)
     missing = [i for i in indices if key(i) not in cache]
     for chunk in _batches(missing, opts.batch):
-        images = generate_images(teacher, chunk, opts.seed, device, samplers.edm_sampler, num_steps=opts.heun_steps)
+        images = generate_images(teacher, chunk, opts.seed, device, samplers.edm_sampler, clip=opts.clip, num_steps=opts.heun_steps)
         for i, image in zip(chunk, images):
             cache[key(i)] = image.to('cpu', torch.float32)
     return torch.stack([cache[key(i)] for i in indices]).to(device, torch.float64)
@@ -255,7 +258,7 @@ def _teacher_images(teacher, indices, opts, device, new_images=None):
 #----------------------------------------------------------------------------
 
 def validate(
-    net, loss_fn, cur_tick, cur_nimg, run_dir, device, save_snapshot, *,
+    net, loss_fn, cur_tick, cur_nimg, run_dir, device, save_snapshot, encoder=None, *,
     num         = 10000,    # Generated images for the Fréchet distance; 0 = none (agreement only).
     seed        = 0,        # Seed of image 0; image i has seed + i.
     batch       = 64,       # Images per sampler and detector call on each rank.
@@ -272,13 +275,18 @@ def validate(
 ):
     """Validate `net` at `cur_tick`/`cur_nimg` on all ranks; see the module
     doc. Returns the figures (numbers) and the image grid `samples` (uint8
-    HWC) and appends them (rank 0) to metrics-val.jsonl in `run_dir`."""
+    HWC) and appends them (rank 0) to metrics-val.jsonl in `run_dir`. With an
+    `encoder` (a latent run) the samples are final latents: the detector and the
+    grid see them decoded, the agreement compares the latents themselves."""
     time_start = time.time()
     opts = _parse_options(num=num, seed=seed, batch=batch, ref=ref, ref_data=ref_data, detector=detector, teacher=teacher,
         agree_num=agree_num, heun_steps=heun_steps, grid_num=grid_num, save_best=save_best, workers=workers, resume_dir=resume_dir)
     device = torch.device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    opts.clip, to_uint8 = encoder is None, (samplers.to_uint8 if encoder is None else encoder.decode)
+    if encoder is not None:
+        image_shape = list(to_uint8(torch.zeros([1, *image_shape], device=device)).shape[1:])
     history = dist.on_rank0(lambda: _summarize_history(read_history(run_dir, opts.resume_dir)), share=True)
 
     # Sampler of the network; the teacher of a consistency loss.
@@ -302,7 +310,7 @@ def validate(
     if opts.num > 0:
         det = metrics.load_detector(opts.detector, device=device, option='--val_detector')
         dim = det.feature_dim(image_shape)
-        fd_name = 'fd_pixels' if det.is_pixels else 'fid'
+        fd_name = det.key
         ref_stats = _reference(opts, det, dim, image_shape, run_dir)
 
     def fd_of(stats):
@@ -319,8 +327,8 @@ def validate(
         dist.print0(f'Validation: {opts.num} teacher images (heun, {opts.heun_steps} steps) for the teacher\'s {det.label}...')
         stats = metrics.FeatureStats(det.device)
         for chunk in _rank_batches(opts.num, opts.batch):
-            images = generate_images(teacher_net, chunk, opts.seed, device, samplers.edm_sampler, num_steps=opts.heun_steps)
-            stats.append(det(samplers.to_uint8(images)))
+            images = generate_images(teacher_net, chunk, opts.seed, device, samplers.edm_sampler, clip=opts.clip, num_steps=opts.heun_steps)
+            stats.append(det(to_uint8(images)))
             agree = [j for j, i in enumerate(chunk) if i < agree_num]
             if agree:
                 _teacher_images(teacher_net, [chunk[j] for j in agree], opts, device, new_images=images[agree])
@@ -333,9 +341,9 @@ def validate(
     nonfinite = torch.zeros([], dtype=torch.float64, device=device) # Images with a non-finite pixel.
     grid_items = []
     for chunk in _rank_batches(total, opts.batch):
-        images = generate_images(net, chunk, opts.seed, device, sample_fn, **sample_kwargs)
+        images = generate_images(net, chunk, opts.seed, device, sample_fn, clip=opts.clip, **sample_kwargs)
         nonfinite += (~torch.isfinite(images)).flatten(1).any(dim=1).sum()
-        images_u8 = samplers.to_uint8(images)
+        images_u8 = to_uint8(images)
         rows = [j for j, i in enumerate(chunk) if i < opts.num]
         if rows:
             stats.append(det(images_u8[rows]))
