@@ -143,7 +143,7 @@ def attention(q, k, v):
     float16 the fused kernels, like EDM's AttentionOp, take the logits and the
     softmax in float32 and multiply float16 weights with v."""
     y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1 / np.sqrt(q.shape[1]))
-    return y.transpose(1, 2)
+    return y.transpose(1, 2).contiguous() # The layout of the einsum form: dropout masks follow the memory layout.
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):

@@ -50,7 +50,7 @@ def attention(q, k, v):
     softmax_k(q . k / sqrt(C)) applied to v, through scaled_dot_product_attention (fused
     kernels on GPUs); EDM2's einsum form up to rounding."""
     y = torch.nn.functional.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), scale=1 / np.sqrt(q.shape[2]))
-    return y.transpose(2, 3)
+    return y.transpose(2, 3).contiguous() # The layout of the einsum form: dropout masks follow the memory layout.
 
 def mp_silu(x):
     """SiLU divided by its output magnitude for unit-variance Gaussian input."""
