@@ -338,8 +338,9 @@ class ConsistencyDistillLoss:
         return target
 
     @torch.no_grad()
-    def update_target(self, net):
-        """After an optimizer step: target <- target_ema * target + (1 - target_ema) * student ('ema' mode only)."""
+    def update_target(self, net, finite=None):
+        """After an optimizer step: target <- target_ema * target + (1 - target_ema) * student ('ema' mode only);
+        with `finite` (a device tensor) false, the target stays where it is."""
         if self.target_mode != 'ema':
             return
         student = _unwrap(net)
@@ -348,10 +349,11 @@ class ConsistencyDistillLoss:
             return
         params = dict(student.named_parameters())
         for name, p_target in self._target.named_parameters():
-            p_target.mul_(self.target_ema).add_(params[name].detach().to(p_target.dtype), alpha=1 - self.target_ema)
+            weight = 1 - self.target_ema if finite is None else finite.to(device=p_target.device, dtype=p_target.dtype) * (1 - self.target_ema)
+            p_target.lerp_(params[name].detach().to(p_target.dtype), weight)
         buffers = dict(student.named_buffers())
         for name, b_target in self._target.named_buffers():
-            b_target.copy_(buffers[name])
+            b_target.copy_(buffers[name] if finite is None else torch.where(finite.to(b_target.device), buffers[name], b_target))
 
     @property
     def target(self):
