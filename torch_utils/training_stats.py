@@ -76,7 +76,7 @@ def masked_quantiles(values, mask, qs):
         pos = last.to(values.dtype) * q
         lo = pos.floor().to(torch.int64)
         hi = torch.minimum(lo + 1, last)
-        below, above = ordered[lo], ordered[hi]
+        below, above = ordered.gather(0, lo.reshape(1))[0], ordered.gather(0, hi.reshape(1))[0] # Not ordered[lo]: a 0-dim index is read to the host.
         value = torch.where(count > 0, below + (above - below) * (pos - lo.to(values.dtype)), 0)
         results.append(value.reshape(1))
     return results, (count > 0).reshape(1)
