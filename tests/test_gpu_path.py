@@ -130,3 +130,11 @@ def test_skipped_step_leaves_ema_and_target_where_they_are():
     assert hook.calls == [net] # A hook without `finite` is called for finite steps only.
 
 #----------------------------------------------------------------------------
+
+def test_official_edm_code_cannot_run_in_bf16():
+    class Official(torch.nn.Module): # The guard of the published EDM code, embedded in its pickles.
+        _orig_module_src = 'F_x = self.model(...)\n        assert F_x.dtype == dtype\n'
+    precisions.check_network(Official(), 'fp16')
+    with pytest.raises(ValueError, match=r'^The teacher runs the code embedded in its pickle \(an official EDM file\), which allows only float16 or float32, so it cannot run in bf16; '):
+        precisions.Teacher(Official(), 'bf16')
+    precisions.check_network(networks.EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1), 'bf16')

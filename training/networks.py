@@ -521,7 +521,7 @@ def _precondition(net, x, sigma, class_labels, force_fp32, model_kwargs):
 
     c_skip, c_out, c_in, c_noise = net.coefficients(sigma)
     F_x = net.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-    if F_x.dtype != dtype:
+    if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type): # Under autocast (bf16) the U-Net's layers pick their dtypes.
         raise RuntimeError(f'The U-Net returned {F_x.dtype} where {dtype} was expected.')
     return c_skip * x + c_out * F_x.to(torch.float32)
 

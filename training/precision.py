@@ -29,6 +29,15 @@ def resolve(precision=None, use_fp16=False):
         raise ValueError(f'--fp16=True and --precision={precision} ask for two precisions; pass only --precision={precision}.')
     return precision
 
+def check_network(net, precision, what='The network'):
+    """Raise ValueError when `net` cannot run at `precision`: the code embedded in an
+    official EDM pickle asserts that its U-Net returns float16 or float32, so it cannot
+    run under bf16 autocast."""
+    source = getattr(type(net), '_orig_module_src', '') or ''
+    if precision == 'bf16' and 'assert F_x.dtype == dtype' in source:
+        raise ValueError(f'{what} runs the code embedded in its pickle (an official EDM file), which allows only float16 or float32, so it cannot run in bf16; '
+            f'use fp16 or fp32 for it, or pass its code-free .safetensors form (convert_snapshot.py), which runs this repository\'s code.')
+
 def configure(net, precision):
     """Set EDM's `use_fp16` switch of a network (when it has one) for `precision`. Returns net."""
     if hasattr(net, 'use_fp16'):
@@ -60,6 +69,7 @@ class Teacher(torch.nn.Module):
 
     def __init__(self, net, precision):
         super().__init__()
+        check_network(net, precision, 'The teacher')
         self.net = configure(net, precision)
         self.precision = precision
 

@@ -298,6 +298,8 @@ def setup(
         teacher = _load_network(teacher_pkl, '--teacher')
         teacher_digest = checkpoint.tensor_digest(teacher)
         _check_fits_data(teacher, dataset_obj, dataset_kwargs['path'], f'The teacher "{teacher_pkl}"')
+        net_precision = precisions.resolve(loop_kwargs.get('precision'), network_kwargs.get('use_fp16', False))
+        precisions.check_network(teacher, loop_kwargs.get('teacher_precision') or net_precision, f'The teacher "{teacher_pkl}"')
         loss_fn.set_teacher(teacher)
 
     # The weights the network starts from: the teacher's (same class, names and shapes) or a --transfer snapshot's.
