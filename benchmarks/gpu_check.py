@@ -220,7 +220,7 @@ def _run(args, env, timeout):
     return proc
 
 def check_torchrun_distillation(ctx):
-    """dataset_tool.py digits, a small teacher, then one-process torchrun distillation with validation (NCCL on CUDA)."""
+    """dataset_tool.py digits, a small teacher, then one-process torchrun distillation with validation (NCCL, bf16, compiled on CUDA)."""
     if ctx.tiny:
         raise Skip('--tiny: the distributed runs are tests/test_train_ddp.py and tests/test_train_val.py')
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
@@ -235,7 +235,7 @@ def check_torchrun_distillation(ctx):
         proc = _run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'train.py', f'--outdir={tmp}/student',
             '--nosubdir', f'--data={data}', *small, '--duration=0.004', '--consistency=True', f'--teacher={tmp}/teacher/network-snapshot-000004.pkl',
             '--S=2', '--T_start=8', '--T_end=16', '--T_anneal_kimg=4', '--val=1', '--val_every=2', '--val_num=512', '--val_detector=pixels',
-            '--val_agree_num=64', '--val_batch=128'] + (['--precision=bf16'] if device == 'cuda' else []), env, 300)
+            '--val_agree_num=64', '--val_batch=128'] + (['--precision=bf16', '--compile'] if device == 'cuda' else []), env, 300)
         with open(os.path.join(tmp, 'student', 'stats.jsonl')) as f:
             stats = [json.loads(line) for line in f]
         validation = {key: value['mean'] for s in stats for key, value in s.items() if key.startswith('Validation/')}
