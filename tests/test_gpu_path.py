@@ -3,10 +3,12 @@
 torch.compile, and the step's pieces that need no GPU. What needs one is in
 benchmarks/gpu_check.py."""
 
+import json
 import warnings
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from _train_helpers import invoke
 from training import compiling
@@ -28,6 +30,22 @@ def test_train_py_precision_mistakes_are_one_sentence(tmp_path):
     common = [f'--outdir={tmp_path}', f'--data={tmp_path}/none.zip', '--device=cpu']
     assert invoke(*common, '--fp16=True', '--precision=bf16') == 'Error: --fp16=True and --precision=bf16 ask for two precisions; pass only --precision=bf16.'
     assert invoke(*common, '--teacher_precision=bf16').startswith('Error: --teacher_precision applies only to consistency distillation; pass --consistency=True')
+
+def dry_run(*args):
+    import train # pylint: disable=import-outside-toplevel
+    result = CliRunner().invoke(train.main, [*args, '--dry-run'])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    return json.loads(text[text.index('Training options:') + len('Training options:'):text.index('Run directory:')]), text
+
+def test_train_py_options_reach_the_loop(tmp_path, digits8):
+    common = [f'--outdir={tmp_path}', f'--data={digits8}', '--device=cpu', '--arch=ddpmpp', '--cbase=16', '--cres=1']
+    c, text = dry_run(*common, '--precision=bf16', '--compile')
+    assert (c['precision'], c['compile_networks'], c['network_kwargs']['use_fp16'], c['teacher_precision']) == ('bf16', True, False, None)
+    assert '-batch512-bf16' in c['run_dir'] and 'Network:          ddpmpp, edm preconditioning, bf16 (reduced precision needs CUDA)' in text
+    for flags in (['--fp16=True'], ['--precision=fp16']): # EDM's --fp16 is --precision=fp16.
+        c, _ = dry_run(*common, *flags)
+        assert (c['precision'], c['compile_networks'], c['network_kwargs']['use_fp16']) == (None, False, True) and c['run_dir'].endswith('-fp16')
 
 def test_teacher_in_its_own_precision_is_the_network_on_the_cpu():
     torch.manual_seed(0)
