@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from _train_helpers import invoke
 from training import compiling
+from training import loss_cd
 from training import networks
 from training import precision as precisions
 from training import steps
@@ -101,6 +102,17 @@ def test_compile_failing_at_the_first_call_falls_back(monkeypatch, fresh_warning
     assert torch.equal(wrapped(x), net(x)) and wrapped._compiled[0] is None # pylint: disable=protected-access
     assert calls == [dict(backend='inductor', mode=None, dynamic=False)] # Fixed shapes by construction.
     assert wrapped.out_features == 2 and list(wrapped.parameters()) == list(net.parameters()) and wrapped._orig_mod is net # pylint: disable=protected-access
+
+def test_ddp_wraps_the_compiled_network(monkeypatch, fresh_warning):
+    monkeypatch.setattr(torch, 'compile', lambda module, **_kwargs: module)
+    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        net = torch.nn.Linear(3, 2)
+        ddp = steps.distributed(compiling.compile_network(net), torch.device('cpu'))
+        ddp(torch.randn(4, 3)).sum().backward()
+        assert net.weight.grad is not None and loss_cd._unwrap(ddp) is net # pylint: disable=protected-access
+    finally:
+        torch.distributed.destroy_process_group()
 
 def test_loop_compiles_student_teacher_and_target_and_sets_teacher_precision(tmp_path, digits8, teacher, monkeypatch, one_thread):
     compiled = []
