@@ -188,17 +188,18 @@ def check_sync_free_step(ctx):
         raise Skip('host synchronisation is a CUDA notion (tests/test_cd_fixed_shapes.py spies on host reads on the CPU)')
     net = _small_edm(ctx)
     teacher = precisions.Teacher(copy.deepcopy(net).eval(), 'bf16')
-    loss_fn, optimizer = _cd_setup(ctx, net, teacher, dict(S=4, T_start=32, T_end=32, target_mode='ema'))
+    loss_fn, optimizer = _cd_setup(ctx, net, teacher, dict(S=4, T_start=16, T_end=64, T_anneal_kimg=0.1, target_mode='ema'))
     images = torch.rand(32, 1, 8, 8, device=ctx.device) * 2 - 1
-    _train_step(net, net, loss_fn, optimizer, images, None, 'bf16') # The grids, the target and the optimizer state exist after it.
+    _train_step(net, net, loss_fn, optimizer, images, None, 'bf16') # The target and the optimizer state exist after it.
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
-        for _ in range(2):
+        for cur_nimg in (32, 64): # T grows: each step builds a new teacher grid.
+            loss_fn.set_progress(cur_nimg)
             _train_step(net, net, loss_fn, optimizer, images, None, 'bf16')
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    return dict(fused=bool(optimizer.defaults.get('fused')))
+    return dict(fused=bool(optimizer.defaults.get('fused')), T=[int(v) for v in (loss_fn.T_start, loss_fn.T)])
 
 def check_pytest_cuda_tests(ctx):
     """The suite's CUDA-only tests (those that skip themselves on the CPU)."""

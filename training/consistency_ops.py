@@ -236,9 +236,9 @@ class TeacherGrid:
         probs = edge_probs(upper, seg, self.S, mode=sampling_mode, rho=rho, terminal_anchor=terminal_anchor, terminal_prob=terminal_prob)
         tables = dict(seg=seg, case=case, sigma_t=upper, sigma_s=sigma_s, sigma_ref=sigma_ref,
             gain=1 / (1 - sigma_ref / upper), probs=probs)
-        for name, value in tables.items():
-            setattr(self, name, value.to(device))
         self.device = torch.device(device)
+        for name, value in tables.items(): # Built on the host; copied without blocking, so that a new T costs a step no host synchronisation.
+            setattr(self, name, value.pin_memory().to(self.device, non_blocking=True) if self.device.type == 'cuda' else value.to(self.device))
 
     def sample(self, n, generator=None):
         """Indices of n edges drawn independently from `probs` (int64 [n], on the grid's device)."""
