@@ -162,6 +162,7 @@ def check_dropout_replay_compiled(ctx):
     """The same with torch.compile (eager random numbers in compiled graphs)."""
     if ctx.tiny:
         raise Skip('--tiny: no compilation')
+    torch._dynamo.reset() # pylint: disable=protected-access
     student = _small_edm(ctx)
     teacher = copy.deepcopy(student).eval()
     loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='live').set_teacher(teacher).set_compile(compiling.compile_network)
@@ -298,6 +299,8 @@ def measure(ctx, name, make_net, edm_loss, batch, precision, compile_networks):
     teacher = precisions.Teacher(copy.deepcopy(net).eval().requires_grad_(False), precision)
     images = torch.rand(batch, net.img_channels, net.img_resolution, net.img_resolution, device=ctx.device) * 2 - 1
     labels = torch.nn.functional.one_hot(torch.randint(0, net.label_dim, [batch], device=ctx.device), net.label_dim).float()
+    if compile_networks:
+        torch._dynamo.reset() # pylint: disable=protected-access # Each row compiles afresh, clear of the recompilation limit.
     student = compiling.compile_network(net) if compile_networks else net
     row = dict(network=name, batch=batch, precision=precision, compile=compile_networks, params=sum(p.numel() for p in net.parameters()))
     edm_opt = steps.make_optimizer(net.parameters(), dict(class_name='torch.optim.Adam', lr=1e-4), ctx.device)
@@ -309,6 +312,8 @@ def measure(ctx, name, make_net, edm_loss, batch, precision, compile_networks):
         cd_loss.set_compile(compiling.compile_network)
     row['cd_sec'], row['cd_mem_gb'] = _time(ctx, lambda: _train_step(student, net, cd_loss, cd_opt, images, labels, precision), ctx.steps)
     row.update(edm_img_per_s=batch / row['edm_sec'], cd_img_per_s=batch / row['cd_sec'], cd_over_edm=row['cd_sec'] / row['edm_sec'], status='measured')
+    if compile_networks and student._compiled[0] is None: # pylint: disable=protected-access
+        row.update(status='failed', reason=f'torch.compile fell back to eager: {compiling._warned}') # pylint: disable=protected-access
     return row
 
 def throughput(ctx):

@@ -12,6 +12,7 @@ dropout masks (cd-spec section 6) holds. The wrapper keeps the network as
 network inside (loss_cd._unwrap) finds it; snapshots and training states
 save the network itself, never the wrapper."""
 
+import importlib
 import warnings
 
 import torch
@@ -35,7 +36,7 @@ class CompiledNetwork(torch.nn.Module):
         self._compiled = [None]     # The compiled callable (kept out of the module tree), None = eager.
         self._proven = False        # Has a compiled call succeeded?
         try:
-            torch._inductor.config.fallback_random = True # pylint: disable=protected-access
+            importlib.import_module('torch._inductor.config').fallback_random = True
             self._compiled[0] = torch.compile(net, backend=backend, mode=mode, dynamic=False)
         except Exception as err: # pylint: disable=broad-except
             _warn_once(err)
