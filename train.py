@@ -23,6 +23,7 @@ from training import checkpoint
 from training import consistency_ops
 from training import guidance
 from training import loss_cd
+from training import precision as precisions
 from training import presets
 from training import training_loop
 
@@ -35,7 +36,7 @@ CD_LOSS_OPTIONS = dict( # Keyword of ConsistencyDistillLoss -> the option that s
     terminal_prob='terminal_prob', terminal_teacher_hop='terminal_teacher_hop', target_mode='cd_target_mode', target_ema='cd_target_ema',
     sync_dropout='sync_dropout', loss='cd_loss', huber_c='cd_huber_c', weight_mode='cd_weight_mode',
 )
-CD_OPTIONS = ['teacher', 'gnet', 'guidance', 'student_init', *CD_LOSS_OPTIONS.values(), 'no_terminal_anchor', 'no_sync_dropout'] # Options that only --consistency=True uses.
+CD_OPTIONS = ['teacher', 'gnet', 'guidance', 'student_init', 'teacher_precision', *CD_LOSS_OPTIONS.values(), 'no_terminal_anchor', 'no_sync_dropout'] # Options that only --consistency=True uses.
 
 #----------------------------------------------------------------------------
 # Option parsing and errors.
@@ -61,9 +62,8 @@ def parse_str_list(s):
 def parse_float_list(s):
     """'0.05,0.1' -> [0.05, 0.1]; None when s is not such a list."""
     parts = [part for part in s.split(',') if part.strip()]
-    if not parts or not all(re.fullmatch(r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*', part) for part in parts):
-        return None
-    return [float(part) for part in parts]
+    ok = parts and all(re.fullmatch(r'\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*', part) for part in parts)
+    return [float(part) for part in parts] if ok else None
 
 def parse_phema(s):
     """--phema: a list of sigma_rel, or 'none'; a list passes through."""
@@ -131,7 +131,8 @@ def training_config(opts, cd_given, device):
     if opts.augment > 0:
         c.augment_kwargs = dnnlib.EasyDict(presets.AUGMENT_PRESET, class_name='training.augment.AugmentPipe', p=opts.augment)
         c.network_kwargs.augment_dim = 9 # The pipeline's conditioning labels.
-    c.network_kwargs.update(use_fp16=opts.fp16, **({} if opts.dropout is None else dict(dropout=opts.dropout)))
+    precision = precisions.resolve(opts.precision, opts.fp16) # fp16 and fp32 are EDM's use_fp16; bf16 is the loop's `precision`.
+    c.network_kwargs.update(use_fp16=(precision == 'fp16'), **({} if opts.dropout is None else dict(dropout=opts.dropout)))
 
     # Schedule and output intervals.
     if opts.ema_rampup is None:
@@ -140,7 +141,8 @@ def training_config(opts, cd_given, device):
         ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
     c.update(total_kimg=max(int(opts.duration * 1000), 1), ema_halflife_kimg=(opts.ema * 1000 if opts.ema is not None else None),
         ema_rampup_ratio=ema_rampup_ratio, phema_stds=opts.phema, lr_rampup_kimg=opts.lr_rampup, lr_decay_batches=(opts.decay or None), batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench,
-        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed, max_bad_steps=opts.max_bad_steps, vae_name=opts.vae)
+        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed, max_bad_steps=opts.max_bad_steps, vae_name=opts.vae,
+        precision=(precision if precision == 'bf16' else None), teacher_precision=opts.teacher_precision, compile_networks=opts.compile)
 
     # Consistency distillation: its options only with --consistency=True.
     if not opts.consistency and len(cd_given) > 0:
@@ -187,7 +189,7 @@ def run_description(opts, c, dataset_obj):
     """The part of the run directory's name after its id."""
     arch = f'teacher-{opts.precond}' if opts.get('student') is not None else opts.arch if opts.arch == 'edm2' else f'{opts.arch}-{opts.precond}'
     desc = f'{dataset_obj.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{arch}-gpus{dist.get_world_size()}'
-    desc += f'-batch{c.batch_size}-{"fp16" if c.network_kwargs.use_fp16 else "fp32"}'
+    desc += f'-batch{c.batch_size}-{precisions.resolve(c.precision, c.network_kwargs.use_fp16)}'
     desc += f'-cd{opts.S}' if opts.consistency else ''
     return desc + (f'-{opts.desc}' if opts.desc is not None else '')
 
@@ -263,6 +265,8 @@ def init_wandb(opts, c):
 
 # Speed and devices.
 @click.option('--fp16',             help='Run the network in float16 (CUDA only)', metavar='BOOL',            type=bool, default=False, show_default=True)
+@click.option('--precision',        help='Precision of the networks, reduced on CUDA only  [default: fp16 with --fp16, else fp32]', type=click.Choice(list(precisions.PRECISIONS)))
+@click.option('--compile',          help='Run the networks through torch.compile', metavar='BOOL',             type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
 @click.option('--ls',               help='Factor on the loss before backpropagation', metavar='FLOAT',         type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--max_bad_steps',    help='Stop after this many consecutive non-finite steps', metavar='INT',   type=click.IntRange(min=0), default=100, show_default=True)
 @click.option('--bench',            help='Let cuDNN pick the fastest kernels', metavar='BOOL',                 type=bool, default=True, show_default=True)
@@ -286,6 +290,7 @@ def init_wandb(opts, c):
 @click.option('--teacher',          help='Teacher network snapshot, its EMA (.pkl or .safetensors)', metavar='PKL|URL', type=str)
 @click.option('--gnet',             help='Guide of the teacher: an unconditional or weaker network', metavar='PKL|URL', type=str)
 @click.option('--guidance',         help='Guidance weight of the teacher with --gnet, 1 = none', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--teacher_precision', help='Precision of the teacher  [default: --precision]',                type=click.Choice(list(precisions.PRECISIONS)))
 @click.option('--student_init',     help='Starting weights of the student  [default: teacher; none with --transfer]', type=click.Choice(['teacher', 'random']))
 @click.option('--S', 'S',           help='Student steps (segments)', metavar='INT',                           type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--student_sigmas',   help='Student grid: karras, karras_open or the S-1 interior sigmas', metavar='NAME|LIST', type=str, default='karras', show_default=True)
@@ -391,7 +396,7 @@ def main(**kwargs):
             dist.print0(f'Run directory:    {c.run_dir}')
             dist.print0(f'Dataset:          {opts.data} ({"with" if opts.cond else "without"} labels)')
             network = f'the teacher\'s architecture ({c.network_kwargs.class_name})' if opts.student is not None else f'{opts.arch}, {opts.precond} preconditioning'
-            dist.print0(f'Network:          {network}, {"float16" if opts.fp16 else "float32"}' + (' (float16 needs CUDA)' if opts.fp16 and device.type != 'cuda' else ''))
+            dist.print0(f'Network:          {network}, {precisions.resolve(c.precision, c.network_kwargs.use_fp16)}' + (' (reduced precision needs CUDA)' if (c.precision or c.network_kwargs.use_fp16) and device.type != 'cuda' else ''))
             if opts.consistency:
                 student_init = 'the teacher' if c.get('resume_pkl') == opts.teacher else (f'"{opts.transfer}"' if opts.transfer is not None else 'random')
                 dist.print0(f'Distillation:     S={opts.S} student of "{opts.teacher}"{guidance.describe_text(opts.gnet, opts.guidance)}, starting from {student_init if opts.resume is None else "the --resume state"}')
@@ -401,10 +406,8 @@ def main(**kwargs):
             if opts.dry_run:
                 dist.print0('Dry run: nothing written.')
                 return
-            if dist.get_rank() == 0:
-                logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
-            if opts.wandb:
-                wandb_run = dist.on_rank0(lambda: init_wandb(opts, c))
+            logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True) if dist.get_rank() == 0 else None
+            wandb_run = dist.on_rank0(lambda: init_wandb(opts, c)) if opts.wandb else None
 
         # Train.
         snapshot_extras = student_snapshot_entry if opts.consistency else None

@@ -7,11 +7,15 @@ fixed. The two kinds of step alternate; the median and the fastest wall-clock
 time of each are reported with their ratios, and on the CPU also the median
 CPU time of the process (with --threads=1 the steadiest figure on a machine
 that other work keeps busy). The project's target on the CPU: distillation
-<= 2.0x EDM.
+<= 2.0x EDM. `--precision` runs the networks as train.py's option does
+(reduced precision on CUDA only); `--compile` runs them through torch.compile
+(training/compiling.py), whose compilation happens in the warm-up steps and
+is reported separately.
 
     python benchmarks/cd_step.py                       # 16x16 DDPM++, 32 channels, batch 32
     python benchmarks/cd_step.py --threads=1           # steadier figures on a busy CPU
-    python benchmarks/cd_step.py --device=cuda --batch=256
+    python benchmarks/cd_step.py --threads=1 --compile
+    python benchmarks/cd_step.py --device=cuda --batch=256 --precision=bf16
 """
 
 import copy
@@ -25,6 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from training import compiling                          # pylint: disable=wrong-import-position
+from training import precision as precisions            # pylint: disable=wrong-import-position
 from training.loss import EDMLoss                       # pylint: disable=wrong-import-position
 from training.loss_cd import ConsistencyDistillLoss     # pylint: disable=wrong-import-position
 from training.networks import EDMPrecond                # pylint: disable=wrong-import-position
@@ -35,13 +41,14 @@ def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
-def _timed_step(net, loss_fn, optimizer, images, device):
+def _timed_step(net, loss_fn, optimizer, images, device, precision):
     """One training step; returns its wall-clock seconds and the CPU seconds of this process."""
     _sync(device)
     start = time.perf_counter()
     start_cpu = time.process_time()
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(net=net, images=images)
+    with precisions.autocast(net, precision, device):
+        loss = loss_fn(net=net, images=images)
     loss.sum().mul(1 / images.shape[0]).backward()
     optimizer.step()
     if hasattr(loss_fn, 'update_target'):
@@ -63,7 +70,9 @@ def _timed_step(net, loss_fn, optimizer, images, device):
 @click.option('--device',       help='Device', metavar='STR',                           type=str, default='cpu', show_default=True)
 @click.option('--threads',      help='CPU threads; 0 = PyTorch default', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--seed',         help='Random seed', metavar='INT',                      type=int, default=0, show_default=True)
-def main(resolution, channels, cbase, blocks, dropout, batch, S, T, target, steps, device, threads, seed):
+@click.option('--precision',    help='Precision of the networks (reduced: CUDA only)',  type=click.Choice(list(precisions.PRECISIONS)), default='fp32', show_default=True)
+@click.option('--compile',      'compile_networks', help='Run the networks through torch.compile', is_flag=True)
+def main(resolution, channels, cbase, blocks, dropout, batch, S, T, target, steps, device, threads, seed, precision, compile_networks):
     """Time an EDM training step and a consistency distillation step."""
     device = torch.device(device)
     if threads > 0:
@@ -71,26 +80,33 @@ def main(resolution, channels, cbase, blocks, dropout, batch, S, T, target, step
     torch.manual_seed(seed)
     net_kwargs = dict(img_resolution=resolution, img_channels=channels, model_type='SongUNet', model_channels=cbase,
         channel_mult=[2,2,2], num_blocks=blocks, attn_resolutions=[resolution // 2], dropout=dropout)
-    teacher = EDMPrecond(**net_kwargs).to(device)
+    teacher = precisions.configure(EDMPrecond(**net_kwargs), precision).to(device)
     edm_net = copy.deepcopy(teacher).train().requires_grad_(True)
     cd_net = copy.deepcopy(teacher).train().requires_grad_(True)
     teacher.eval().requires_grad_(False)
     edm_loss = EDMLoss()
-    cd_loss = ConsistencyDistillLoss(S=S, T_start=T, T_end=T, target_mode=target).set_teacher(teacher)
+    cd_loss = ConsistencyDistillLoss(S=S, T_start=T, T_end=T, target_mode=target).set_teacher(precisions.Teacher(teacher, precision))
     edm_opt = torch.optim.Adam(edm_net.parameters(), lr=1e-4)
     cd_opt = torch.optim.Adam(cd_net.parameters(), lr=1e-4)
     images = torch.rand([batch, channels, resolution, resolution], device=device) * 2 - 1
+    edm_student, cd_student = edm_net, cd_net
+    if compile_networks:
+        edm_student, cd_student = compiling.compile_network(edm_net), compiling.compile_network(cd_net)
+        cd_loss.set_compile(compiling.compile_network)
 
+    warmup = dict(edm=0.0, cd=0.0)
     for _ in range(2):
-        _timed_step(edm_net, edm_loss, edm_opt, images, device)
-        _timed_step(cd_net, cd_loss, cd_opt, images, device)
+        warmup['edm'] += _timed_step(edm_student, edm_loss, edm_opt, images, device, precision)[0]
+        warmup['cd'] += _timed_step(cd_student, cd_loss, cd_opt, images, device, precision)[0]
     times = dict(edm=[], cd=[])
     for _ in range(steps):
-        times['edm'].append(_timed_step(edm_net, edm_loss, edm_opt, images, device))
-        times['cd'].append(_timed_step(cd_net, cd_loss, cd_opt, images, device))
+        times['edm'].append(_timed_step(edm_student, edm_loss, edm_opt, images, device, precision))
+        times['cd'].append(_timed_step(cd_student, cd_loss, cd_opt, images, device, precision))
     params = sum(p.numel() for p in teacher.parameters())
     print(f'Network: DDPM++ {resolution}x{resolution}x{channels}, model_channels={cbase}, num_blocks={blocks}, {params} parameters, dropout={dropout}; '
-        f'batch {batch}, S={S}, T={T}, target={target}, device {device}, {torch.get_num_threads()} threads')
+        f'batch {batch}, S={S}, T={T}, target={target}, device {device}, {torch.get_num_threads()} threads, {precision}'
+        f'{", compiled" if compile_networks else ", eager"}')
+    print(f'Warm-up (2 steps each, compilation included): EDM {warmup["edm"]:.1f} s, distillation {warmup["cd"]:.1f} s')
     table = {name: [1000 * float(np.median([w for w, _ in t])), 1000 * float(np.min([w for w, _ in t])),
         1000 * float(np.median([c for _, c in t]))] for name, t in times.items()}
     print(f'{"":19s}{"wall, median":>14s}{"wall, fastest":>15s}{"CPU time, median":>18s}')

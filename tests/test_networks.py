@@ -218,17 +218,36 @@ def test_pickle_round_trip_keeps_outputs():
 #----------------------------------------------------------------------------
 # Building blocks.
 
-def test_attention_gradients_match_autograd():
+def einsum_attention(q, k, v):
+    """EDM's attention: softmax_k(q . k / sqrt(C)) by einsum, applied to v."""
+    w = torch.einsum('ncq,nck->nqk', q, k / np.sqrt(q.shape[1])).softmax(dim=2)
+    return torch.einsum('nqk,nck->ncq', w, v)
+
+def test_attention_and_its_gradients_match_the_einsum_form():
     torch.manual_seed(0)
-    q = torch.randn(3, 8, 5, requires_grad=True)
-    k = torch.randn(3, 8, 7, requires_grad=True)
-    upstream = torch.randn(3, 5, 7)
-    w = networks.AttentionOp.apply(q, k)
-    dq, dk = torch.autograd.grad(w, [q, k], upstream)
-    w_ref = torch.einsum('ncq,nck->nqk', q, k / np.sqrt(8)).softmax(dim=2)
-    dq_ref, dk_ref = torch.autograd.grad(w_ref, [q, k], upstream)
-    assert torch.allclose(w, w_ref, atol=1e-6)
-    assert torch.allclose(dq, dq_ref, atol=1e-5) and torch.allclose(dk, dk_ref, atol=1e-5)
+    q, k, v = (torch.randn(3, 8, 7, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(3, 8, 7)
+    y = networks.attention(q, k, v)
+    y_ref = einsum_attention(q, k, v)
+    grads = torch.autograd.grad(y, [q, k, v], upstream)
+    grads_ref = torch.autograd.grad(y_ref, [q, k, v], upstream)
+    assert torch.allclose(y, y_ref, atol=1e-6)
+    assert all(torch.allclose(g, g_ref, atol=1e-5) for g, g_ref in zip(grads, grads_ref))
+
+def test_network_gradients_match_the_einsum_attention(monkeypatch):
+    state, arrays = load_fixture('vp_ddpmpp_cond')
+    def gradients():
+        net = build('vp_ddpmpp_cond')
+        net.load_state_dict(state, strict=True)
+        D_x = net(arrays['input/x'], arrays['input/sigma'], arrays['input/class_labels'])
+        D_x.square().sum().backward()
+        return D_x.detach(), {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    D_x, grads = gradients()
+    monkeypatch.setattr(networks, 'attention', einsum_attention)
+    D_ref, grads_ref = gradients()
+    assert relative_error(D_x, D_ref) < 1e-6
+    assert grads.keys() == grads_ref.keys() and any('qkv' in name for name in grads)
+    assert all(relative_error(grads[name], grads_ref[name]) < 1e-5 for name in grads)
 
 def test_resampling_closed_forms():
     torch.manual_seed(0)

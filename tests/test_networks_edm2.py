@@ -175,6 +175,31 @@ def test_mpconv_forced_weight_normalization():
     linear = networks_edm2.MPConv(4, 2, kernel=[])
     assert linear(torch.randn([3, 4]), gain=0).abs().max() == 0
 
+def einsum_attention(q, k, v):
+    """EDM2's attention: softmax_k(q . k / sqrt(C)) by einsum, applied to v."""
+    w = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
+    return torch.einsum('nhqk,nhck->nhcq', w, v)
+
+def test_attention_and_network_gradients_match_the_einsum_form(monkeypatch, one_thread):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 6, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(2, 3, 8, 6)
+    grads = torch.autograd.grad(networks_edm2.attention(q, k, v), [q, k, v], upstream)
+    grads_ref = torch.autograd.grad(einsum_attention(q, k, v), [q, k, v], upstream)
+    assert all(torch.allclose(g, g_ref, atol=1e-5) for g, g_ref in zip(grads, grads_ref))
+    name = SMALL[0]
+    def gradients():
+        net, arrays = build_loaded(name)
+        D_x = net(arrays['input/x'], arrays['input/sigma'], arrays.get('input/class_labels'))
+        D_x.square().sum().backward()
+        return D_x.detach(), {key: p.grad for key, p in net.named_parameters() if p.grad is not None}
+    D_x, grads = gradients()
+    monkeypatch.setattr(networks_edm2, 'attention', einsum_attention)
+    D_ref, grads_ref = gradients()
+    assert relative_error(D_x, D_ref) < 1e-6
+    assert grads.keys() == grads_ref.keys() and any('attn_qkv' in key for key in grads)
+    assert all(relative_error(grads[key], grads_ref[key]) < 1e-5 for key in grads)
+
 def test_block_bad_arguments():
     with pytest.raises(ValueError, match="'middle'"):
         networks_edm2.Block(8, 8, 8, flavor='middle')

@@ -168,7 +168,7 @@ def test_loop_attaches_the_frozen_teacher_in_the_students_precision(tmp_path, di
     seen = []
     def extras(loss_fn, **_kwargs):
         t = loss_fn.teacher
-        seen.append((type(t).__name__, t.training, any(p.requires_grad for p in t.parameters()), t.use_fp16))
+        seen.append((type(t).__name__, type(t.net).__name__, t.precision, t.training, any(p.requires_grad for p in t.parameters()), t.use_fp16))
         return train.student_snapshot_entry(loss_fn)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -181,7 +181,7 @@ def test_loop_attaches_the_frozen_teacher_in_the_students_precision(tmp_path, di
     finally:
         torch.set_num_threads(threads)
     assert load_pickle(teacher)['ema'].use_fp16 is False
-    assert seen == [('EDMPrecond', False, False, True)] # Frozen, and in fp16 like the student (which takes effect on CUDA).
+    assert seen == [('Teacher', 'EDMPrecond', 'fp16', False, False, True)] # Frozen, and in fp16 like the student (which takes effect on CUDA).
     assert load_pickle(tmp_path / 'network-snapshot-000000.pkl')['consistency']['S'] == 2
     with pytest.raises(ValueError, match=r'^teacher_pkl=".*" was given, but the loss EDMLoss takes no teacher; use a loss with set_teacher\(\) or leave teacher_pkl out\.$'):
         training_loop.training_loop(run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8),

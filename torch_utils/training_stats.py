@@ -4,7 +4,10 @@
 given scalars under `name`; a `Collector` periodically gathers these moments,
 sums them over all ranks (one all-reduce) and exposes num, mean and std.
 Every rank must report the same names (`report0` takes care of that for
-values that only rank 0 computes).
+values that only rank 0 computes). The moments of a tensor stay on its
+device: nothing is read back to the host before `Collector.update()` (once
+per tick in the training loop), so reporting from a training step costs no
+host synchronisation; a `mask` selects values without a data-dependent shape.
 """
 
 import re
@@ -32,17 +35,21 @@ def init_multiprocessing(rank, sync_device):
     _rank = rank
     _sync_device = sync_device
 
-def report(name, value):
+def report(name, value, mask=None):
     """Record the finite scalars in `value` (a number, array or tensor; may be empty) under
-    `name`; non-finite ones are left out, so that one of them does not turn every later
-    figure into NaN. Returns `value` unchanged."""
+    `name`, those where `mask` (of value's shape) is true when given; non-finite ones are
+    left out, so that one of them does not turn every later figure into NaN. Returns
+    `value` unchanged."""
     if name not in _counters:
         _counters[name] = dict()
     elems = torch.as_tensor(value)
     if elems.numel() == 0:
         return value
     elems = elems.detach().flatten().to(_counter_dtype)
-    finite = torch.isfinite(elems).to(_counter_dtype)
+    finite = torch.isfinite(elems)
+    if mask is not None:
+        finite = finite & torch.as_tensor(mask, device=elems.device).flatten().to(torch.bool)
+    finite = finite.to(_counter_dtype)
     elems = torch.where(finite > 0, elems, 0)
     moments = torch.stack([
         finite.sum(),
@@ -55,9 +62,28 @@ def report(name, value):
     _counters[name][device].add_(moments)
     return value
 
-def report0(name, value):
+def masked_quantiles(values, mask, qs):
+    """Quantiles `qs` of the values [N] where `mask` [N] is true (None = all), interpolated
+    linearly like torch.quantile, in fixed shapes on the device. Returns (the quantiles as
+    tensors of shape [1], a [1] mask that is false when no value is selected)."""
+    values = values.flatten()
+    mask = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.flatten().to(torch.bool)
+    count = mask.sum()
+    ordered = torch.where(mask, values, torch.inf).sort().values
+    last = (count - 1).clamp(min=0)
+    results = []
+    for q in qs:
+        pos = last.to(values.dtype) * q
+        lo = pos.floor().to(torch.int64)
+        hi = torch.minimum(lo + 1, last)
+        below, above = ordered.gather(0, lo.reshape(1))[0], ordered.gather(0, hi.reshape(1))[0] # Not ordered[lo]: a 0-dim index is read to the host.
+        value = torch.where(count > 0, below + (above - below) * (pos - lo.to(values.dtype)), 0)
+        results.append(value.reshape(1))
+    return results, (count > 0).reshape(1)
+
+def report0(name, value, mask=None):
     """Like report(), but only rank 0's values count; other ranks register the name."""
-    report(name, value if _rank == 0 else [])
+    report(name, value if _rank == 0 else [], mask=(mask if _rank == 0 else None))
     return value
 
 #----------------------------------------------------------------------------

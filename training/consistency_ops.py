@@ -79,10 +79,11 @@ def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
     """The teacher's deterministic Heun hop sigma_a -> sigma_b, per sample.
 
     `denoise(x, sigma, rows)` evaluates the teacher on x [n, ...] at the noise
-    levels sigma [n]; `rows` (None = all) are the indices of these samples in
-    x_a, for subsetting labels. Samples with sigma_b = 0 take the Euler step
-    x_b = D(x_a; sigma_a) and are left out of the second evaluation; the
-    teacher is never evaluated at sigma = 0. All arithmetic is in `dtype`.
+    levels sigma [n] (`rows` is always None here: every call covers the whole
+    batch, so that the shapes are fixed). Samples with sigma_b = 0 take the
+    Euler step x_b = D(x_a; sigma_a): the second evaluation sees them at
+    (x_a, sigma_a) and its result is discarded, so the teacher is never
+    evaluated at sigma = 0. All arithmetic is in `dtype`.
     """
     x_a = x_a.to(dtype)
     sigma_a = torch.as_tensor(sigma_a, dtype=dtype, device=x_a.device).expand(x_a.shape[0])
@@ -91,17 +92,11 @@ def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
     sb = expand_sigma(sigma_b, x_a)
     k1 = (x_a - denoise(x_a, sigma_a, None).to(dtype)) / sa
     x_e = x_a + (sb - sa) * k1
-    positive = sigma_b > 0
-    if bool(positive.all()):
-        k2 = (x_e - denoise(x_e, sigma_b, None).to(dtype)) / sb
-        return x_a + (sb - sa) * ((k1 + k2) / 2)
-    rows = positive.nonzero().flatten()
-    x_b = x_e.clone() # For sigma_b = 0 the Euler step lands on D(x_a; sigma_a).
-    if rows.numel() > 0:
-        sb_r = sb[rows]
-        k2 = (x_e[rows] - denoise(x_e[rows], sigma_b[rows], rows).to(dtype)) / sb_r
-        x_b[rows] = x_a[rows] + (sb_r - sa[rows]) * ((k1[rows] + k2) / 2)
-    return x_b
+    positive = sb > 0
+    sigma_2 = torch.where(sigma_b > 0, sigma_b, sigma_a)
+    x_2 = torch.where(positive, x_e, x_a)
+    k2 = (x_2 - denoise(x_2, sigma_2, None).to(dtype)) / expand_sigma(sigma_2, x_a)
+    return torch.where(positive, x_a + (sb - sa) * ((k1 + k2) / 2), x_e) # For sigma_b = 0 the Euler step lands on D(x_a; sigma_a).
 
 def select_rows(cond, rows):
     """Rows of per-sample conditioning (class or augmentation labels). None, scalars and tensors
@@ -241,9 +236,9 @@ class TeacherGrid:
         probs = edge_probs(upper, seg, self.S, mode=sampling_mode, rho=rho, terminal_anchor=terminal_anchor, terminal_prob=terminal_prob)
         tables = dict(seg=seg, case=case, sigma_t=upper, sigma_s=sigma_s, sigma_ref=sigma_ref,
             gain=1 / (1 - sigma_ref / upper), probs=probs)
-        for name, value in tables.items():
-            setattr(self, name, value.to(device))
         self.device = torch.device(device)
+        for name, value in tables.items(): # Built on the host; copied without blocking, so that a new T costs a step no host synchronisation.
+            setattr(self, name, value.pin_memory().to(self.device, non_blocking=True) if self.device.type == 'cuda' else value.to(self.device))
 
     def sample(self, n, generator=None):
         """Indices of n edges drawn independently from `probs` (int64 [n], on the grid's device)."""

@@ -19,6 +19,7 @@ Decisions:
 
 import torch
 
+from training import precision
 from training import samplers
 
 #----------------------------------------------------------------------------
@@ -92,13 +93,19 @@ def guided(net, gnet=None, guidance=None, gnet_name=None):
     check_guidance(gnet, guidance)
     return net if gnet is None else GuidedDenoiser(net, gnet, guidance, gnet_name=gnet_name)
 
+def _guided(net):
+    """The GuidedDenoiser in `net` (a precision.Teacher's network included), else None."""
+    net = net.net if isinstance(net, precision.Teacher) else net
+    return net if isinstance(net, GuidedDenoiser) else None
+
 def unwrap(net):
-    """The guided network of a GuidedDenoiser, else `net` itself."""
-    return net.net if isinstance(net, GuidedDenoiser) else net
+    """The guided network of a GuidedDenoiser (also inside a precision.Teacher), else `net` itself."""
+    return net if _guided(net) is None else _guided(net).net
 
 def describe(net):
     """The guidance of a network as plain data: dict(weight, gnet) for a GuidedDenoiser, None for a network alone."""
-    return dict(weight=net.guidance, gnet=net.gnet_name) if isinstance(net, GuidedDenoiser) else None
+    guided_net = _guided(net)
+    return None if guided_net is None else dict(weight=guided_net.guidance, gnet=guided_net.gnet_name)
 
 def describe_text(gnet_name, guidance):
     """' guided by "<gnet>" (guidance <w>)' for a guide, else ''."""

@@ -23,18 +23,24 @@ Decisions where the spec is silent:
 * `terminal_anchor=None` (the default) turns the anchor on for the weighted
   sampling modes (`vp`, `edm`) and off for `uniform`; True or False force it.
   `terminal_prob` needs the anchor.
+* Fixed shapes. The teacher (both Heun evaluations), the target network and
+  the student each run once on the whole batch, and per-sample masks pick
+  each sample's case (`torch.where`); the statistics are masked moments on
+  the device. A step thus has the same shapes every time (what torch.compile
+  and CUDA graphs want) and reads nothing back to the host. Per sample the
+  results are cd-spec section 4's; the price is evaluations whose results are
+  discarded: the teacher's on the terminal samples (a share of about 1/T'
+  with the terminal anchor), its second one on samples that end at sigma = 0
+  (it sees them at (x_t, sigma_t), never at sigma = 0), and the target's on
+  the non-general samples.
 * Dropout replay. With `sync_dropout` and a student in training mode, the
-  target network (`live` or `ema`) is run on the whole batch (inputs x_s at
-  sigma_s for the general samples, x_t at sigma_t for the others) starting
-  from the random state the student's pass then starts from, and only the
-  general rows are used. Dropout masks are drawn per tensor, so only a pass
-  over the same shapes replays them exactly; this costs the target
-  evaluations of the non-general samples (a small share: all but S edges of
-  a segment are general). A student in eval mode draws nothing, so the
-  target then runs on the general samples only. Without `sync_dropout` the
-  target draws its own masks. The RNG replayed is the one of the device the
-  network runs on (CUDA generator on CUDA, CPU generator otherwise). The
-  `ema` target always runs in the student's train/eval mode.
+  target network (`live` or `ema`) starts from the random state the
+  student's pass then starts from; since both run on the same shapes, every
+  sample sees the student's own dropout masks, and only the general rows
+  are used. Without `sync_dropout` the target draws its own masks. The RNG
+  replayed is the one of the device the network runs on (CUDA generator on
+  CUDA, CPU generator otherwise). The `ema` target always runs in the
+  student's train/eval mode.
 * Pickling. The teacher, the `ema` target, pending target state and the grid
   cache are dropped: a snapshot stays as small as EDM's and loads without the
   teacher. The target EMA and the annealing state travel in `state_dict()`
@@ -130,8 +136,14 @@ def distance(diff, mode='pseudo_huber', huber_c=None):
     return elems, elems.flatten(1).sum(dim=1)
 
 def _unwrap(net):
-    """The module inside DistributedDataParallel (or the network itself)."""
-    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+    """The network inside DistributedDataParallel and compiled wrappers (`_orig_mod`), or the network itself."""
+    while True:
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif isinstance(getattr(net, '_orig_mod', None), torch.nn.Module):
+            net = net._orig_mod
+        else:
+            return net
 
 def _get_rng_state(device):
     if device.type == 'cuda':
@@ -238,11 +250,14 @@ class ConsistencyDistillLoss:
         self._target = None         # Fast EMA of the student ('ema' mode).
         self._target_state = None   # Target state_dict waiting for the target to exist.
         self._grids = None          # TeacherGridCache for the current teacher.
+        self._compile_fn = None     # compile_fn(module) -> callable, for the teacher and the target; None = eager.
+        self._compiled = dict()     # id(module) -> (module, its compiled form).
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        for name in ('_teacher', '_target', '_target_state', '_grids'):
+        for name in ('_teacher', '_target', '_target_state', '_grids', '_compile_fn'):
             state[name] = None
+        state['_compiled'] = dict()
         return state
 
     def __setstate__(self, state):
@@ -291,6 +306,21 @@ class ConsistencyDistillLoss:
         return [name for name, _param in _unwrap(net).named_parameters()
             if name.startswith('logvar_') or (augment_pipe is None and 'map_augment' in name.split('.'))]
 
+    def set_compile(self, compile_fn):
+        """Evaluate the teacher and the target network through `compile_fn(module)`
+        (e.g. training.compiling.compile_network); None = eager. Returns self."""
+        self._compile_fn = compile_fn
+        self._compiled = dict()
+        return self
+
+    def _run(self, module):
+        """The form in which `module` (teacher or target) is evaluated: compiled once, or itself."""
+        if self._compile_fn is None or not isinstance(module, torch.nn.Module):
+            return module
+        if id(module) not in self._compiled:
+            self._compiled[id(module)] = (module, self._compile_fn(module))
+        return self._compiled[id(module)][1]
+
     def student_sigmas(self):
         """The student grid: S + 1 descending noise levels ending in 0 (float64 tensor)."""
         return torch.tensor(self._student_sigmas, dtype=torch.float64)
@@ -316,8 +346,9 @@ class ConsistencyDistillLoss:
         return target
 
     @torch.no_grad()
-    def update_target(self, net):
-        """After an optimizer step: target <- target_ema * target + (1 - target_ema) * student ('ema' mode only)."""
+    def update_target(self, net, finite=None):
+        """After an optimizer step: target <- target_ema * target + (1 - target_ema) * student ('ema' mode only);
+        with `finite` (a device tensor) false, the target stays where it is."""
         if self.target_mode != 'ema':
             return
         student = _unwrap(net)
@@ -326,10 +357,11 @@ class ConsistencyDistillLoss:
             return
         params = dict(student.named_parameters())
         for name, p_target in self._target.named_parameters():
-            p_target.mul_(self.target_ema).add_(params[name].detach().to(p_target.dtype), alpha=1 - self.target_ema)
+            weight = 1 - self.target_ema if finite is None else finite.to(device=p_target.device, dtype=p_target.dtype) * (1 - self.target_ema)
+            p_target.lerp_(params[name].detach().to(p_target.dtype), weight)
         buffers = dict(student.named_buffers())
         for name, b_target in self._target.named_buffers():
-            b_target.copy_(buffers[name])
+            b_target.copy_(buffers[name] if finite is None else torch.where(finite.to(b_target.device), buffers[name], b_target))
 
     @property
     def target(self):
@@ -374,13 +406,17 @@ class ConsistencyDistillLoss:
 
     @torch.no_grad()
     def draw(self, net, images, labels=None, augment_pipe=None):
-        """Everything of one training draw that needs no gradient (cd-spec section 4).
+        """Everything of one training draw that needs no gradient (cd-spec section 4),
+        in fixed shapes: every network runs on the whole batch and masks pick each
+        sample's case, so nothing is read back to the host.
 
         Returns an EasyDict-like dict: y, x_t, k (edges), seg, case, sigma_t,
         sigma_s, sigma_ref, gain, x_ref, target (x_hat*), augment_labels,
-        general (rows of general samples), x_s and target_out (the target's
-        x-prediction at (x_s, sigma_s) for those rows), and rng_state (where
-        the student's pass must start; None = wherever the generator is).
+        general (mask of the general samples), x_s (the teacher's hop to sigma_s),
+        x_in, s_in and target_out (the target's inputs, x_s at sigma_s for the
+        general samples and x_t at sigma_t for the others, and its x-prediction;
+        only the general rows are used), and rng_state (where the student's pass
+        must start; None = wherever the generator is).
         """
         student = _unwrap(net)
         self._check(student, images)
@@ -400,51 +436,40 @@ class ConsistencyDistillLoss:
         sigma_s = grid.sigma_s[k].to(dtype)
         sigma_ref = grid.sigma_ref[k].to(dtype)
         x_t = y + ops.expand_sigma(sigma_t, y) * torch.randn_like(y)
+        rows = lambda mask: ops.expand_sigma(mask, y).to(torch.bool)
 
         # Teacher: Heun hops of boundary and general samples, optionally the terminal D_teacher(x_t).
-        x_ref = y.clone()
-        hop = (case != ops.TERMINAL) if not self.terminal_teacher_hop else torch.ones_like(case, dtype=torch.bool)
-        hop_rows = hop.nonzero().flatten()
-        if hop_rows.numel() > 0:
-            teacher = ops.make_denoiser(self._teacher, ops.select_rows(labels, hop_rows), ops.select_rows(augment_labels, hop_rows))
-            x_ref[hop_rows] = ops.heun_hop(teacher, x_t[hop_rows], sigma_t[hop_rows], sigma_s[hop_rows], dtype=dtype)
+        teacher = self._run(self._teacher)
+        x_s = ops.heun_hop(ops.make_denoiser(teacher, labels, augment_labels), x_t, sigma_t, sigma_s, dtype=dtype)
+        x_ref = x_s if self.terminal_teacher_hop else torch.where(rows(case != ops.TERMINAL), x_s, y)
 
-        # Target network on the general samples: x_ref = DDIM of its prediction from sigma_s to the boundary.
+        # Target network: x_ref of the general samples = DDIM of its prediction from sigma_s to the boundary.
         if self.target_mode == 'ema' and self._target is None:
-            self._target = self._new_target(student) # The student before its first step, on every rank, general samples or not.
-        general = (case == ops.GENERAL).nonzero().flatten()
-        rng_state = None
-        x_s = x_ref[general]
-        target_out = x_s[:0]
-        if general.numel() > 0:
-            if self.target_mode == 'teacher':
-                target_net = self._teacher
-            elif self.target_mode == 'live':
-                target_net = student
-            else:
-                target_net = self._target.train(student.training)
-            replay = self.target_mode != 'teacher' and self.sync_dropout and student.training
-            if replay:
-                rng_state = _get_rng_state(device)
-                x_in = x_t.clone()
-                x_in[general] = x_s
-                s_in = sigma_t.clone()
-                s_in[general] = sigma_s[general]
-                target_out = ops.make_denoiser(target_net, labels, augment_labels)(x_in, s_in, None)[general].to(dtype)
-                _set_rng_state(device, rng_state)
-            else:
-                target_out = ops.make_denoiser(target_net, labels, augment_labels)(x_s, sigma_s[general], general).to(dtype)
-            if self.addim_scale > 0:
-                s_g, r_g = sigma_s[general], sigma_ref[general]
-                x_var = addim_variance(s_g, self.addim_scale, self.addim_prior) * (r_g > 0)
-                x_ref[general] = addim_step(target_out, x_s, s_g, r_g, x_var, dtype=dtype)
-            else:
-                x_ref[general] = ops.ddim_step(target_out, x_s, sigma_s[general], sigma_ref[general], dtype=dtype)
+            self._target = self._new_target(student) # The student before its first step, on every rank.
+        if self.target_mode == 'teacher':
+            target_net = teacher
+        else:
+            target_net = self._run(student if self.target_mode == 'live' else self._target.train(student.training))
+        general = case == ops.GENERAL
+        x_in = torch.where(rows(general), x_s, x_t)
+        s_in = torch.where(general, sigma_s, sigma_t)
+        replay = self.target_mode != 'teacher' and self.sync_dropout and student.training
+        rng_state = _get_rng_state(device) if replay else None
+        target_out = ops.make_denoiser(target_net, labels, augment_labels)(x_in, s_in, None).to(dtype)
+        if replay:
+            _set_rng_state(device, rng_state)
+        r_in = torch.where(general, sigma_ref, 0)
+        if self.addim_scale > 0:
+            x_var = addim_variance(s_in, self.addim_scale, self.addim_prior) * (r_in > 0)
+            bridged = addim_step(target_out, x_in, s_in, r_in, x_var, dtype=dtype)
+        else:
+            bridged = ops.ddim_step(target_out, x_in, s_in, r_in, dtype=dtype)
+        x_ref = torch.where(rows(general), bridged, x_ref)
 
         target, gain = ops.inverse_ddim(x_ref, x_t, sigma_t, sigma_ref, dtype=dtype)
         return dnnlib.EasyDict(y=y, x_t=x_t, k=k, seg=seg, case=case, sigma_t=sigma_t, sigma_s=sigma_s,
             sigma_ref=sigma_ref, gain=gain, x_ref=x_ref, target=target, augment_labels=augment_labels,
-            general=general, x_s=x_s, target_out=target_out, rng_state=rng_state, num_edges=grid.num_edges)
+            general=general, x_s=x_s, x_in=x_in, s_in=s_in, target_out=target_out, rng_state=rng_state, num_edges=grid.num_edges)
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         d = self.draw(net, images, labels, augment_pipe)
@@ -458,25 +483,24 @@ class ConsistencyDistillLoss:
         return loss
 
     def _report(self, d, per_sample):
-        """Diagnostics of cd-spec section 7 (same names on every rank and step)."""
-        per_sample = per_sample.to(torch.float64).cpu()
-        case = d.case.cpu()
-        seg = d.seg.cpu()
-        gain = d.gain.to(torch.float64).cpu()
+        """Diagnostics of cd-spec section 7 (same names on every rank and step), as masked
+        moments on the device: nothing is read back to the host."""
+        per_sample = per_sample.to(torch.float64)
+        gain = d.gain.to(torch.float64)
         training_stats.report('CD/loss', per_sample)
         training_stats.report('CD/T', [float(d.num_edges)])
         training_stats.report('CD/T_nominal', [float(self.T)])
         for c, name in enumerate(ops.CASE_NAMES):
-            mask = case == c
-            training_stats.report(f'CD/loss_{name}', per_sample[mask])
+            mask = d.case == c
+            training_stats.report(f'CD/loss_{name}', per_sample, mask=mask)
             training_stats.report(f'CD/frac_{name}', mask.to(torch.float64))
         for j in range(self.S):
-            training_stats.report(f'CD/loss_seg{j}', per_sample[seg == j])
-        for suffix, values in [('', gain), ('_boundary', gain[case == ops.BOUNDARY]), ('_general', gain[case == ops.GENERAL])]:
-            training_stats.report(f'CD/gain_mean{suffix}', values)
-            nonempty = values.numel() > 0
-            training_stats.report(f'CD/gain_max{suffix}', values.max().reshape(1) if nonempty else [])
-            training_stats.report(f'CD/gain_p95{suffix}', torch.quantile(values, 0.95).reshape(1) if nonempty else [])
-            training_stats.report(f'CD/gain_p99{suffix}', torch.quantile(values, 0.99).reshape(1) if nonempty else [])
+            training_stats.report(f'CD/loss_seg{j}', per_sample, mask=(d.seg == j))
+        for suffix, mask in [('', None), ('_boundary', d.case == ops.BOUNDARY), ('_general', d.case == ops.GENERAL)]:
+            training_stats.report(f'CD/gain_mean{suffix}', gain, mask=mask)
+            (q_max, q95, q99), nonempty = training_stats.masked_quantiles(gain, mask, [1, 0.95, 0.99])
+            training_stats.report(f'CD/gain_max{suffix}', q_max, mask=nonempty)
+            training_stats.report(f'CD/gain_p95{suffix}', q95, mask=nonempty)
+            training_stats.report(f'CD/gain_p99{suffix}', q99, mask=nonempty)
 
 #----------------------------------------------------------------------------

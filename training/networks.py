@@ -136,30 +136,14 @@ class GroupNorm(torch.nn.Module):
     def forward(self, x):
         return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
 
-class AttentionOp(torch.autograd.Function):
-    """Attention weights softmax_k(q . k / sqrt(C)) for q, k of shape [N, C, L].
-
-    Computed in float32 whatever the input dtype; the weights and the
-    gradients are returned in the dtype of the inputs.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k):
-        logits = torch.einsum('ncq,nck->nqk', q.to(torch.float32), (k / np.sqrt(k.shape[1])).to(torch.float32))
-        w = logits.softmax(dim=2).to(q.dtype)
-        ctx.save_for_backward(q, k, w)
-        return w
-
-    @staticmethod
-    def backward(ctx, dw):
-        q, k, w = ctx.saved_tensors
-        w = w.to(torch.float32)
-        dw = dw.to(torch.float32)
-        dlogits = w * (dw - (dw * w).sum(dim=2, keepdim=True))
-        scale = np.sqrt(k.shape[1])
-        dq = torch.einsum('nck,nqk->ncq', k.to(torch.float32), dlogits).to(q.dtype) / scale
-        dk = torch.einsum('ncq,nqk->nck', q.to(torch.float32), dlogits).to(k.dtype) / scale
-        return dq, dk
+def attention(q, k, v):
+    """Multi-head self-attention of q, k, v [heads, C, L] -> [heads, C, L]: the weights
+    softmax_k(q . k / sqrt(C)) applied to v, through scaled_dot_product_attention
+    (fused kernels on GPUs). In float32 it is EDM's einsum form up to rounding; in
+    float16 the fused kernels, like EDM's AttentionOp, take the logits and the
+    softmax in float32 and multiply float16 weights with v."""
+    y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1 / np.sqrt(q.shape[1]))
+    return y.transpose(1, 2).contiguous() # The layout of the einsum form: dropout masks follow the memory layout.
 
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
@@ -236,9 +220,7 @@ class UNetBlock(torch.nn.Module):
         if self.num_heads:
             heads = x.shape[0] * self.num_heads
             q, k, v = self.qkv(self.norm2(x)).reshape(heads, x.shape[1] // self.num_heads, 3, -1).unbind(2)
-            w = AttentionOp.apply(q, k)
-            attended = torch.einsum('nqk,nck->ncq', w, v)
-            x = self.proj(attended.reshape(*x.shape)).add_(x)
+            x = self.proj(attention(q, k, v).reshape(*x.shape)).add_(x)
             x = x * self.skip_scale
         return x
 
@@ -539,7 +521,7 @@ def _precondition(net, x, sigma, class_labels, force_fp32, model_kwargs):
 
     c_skip, c_out, c_in, c_noise = net.coefficients(sigma)
     F_x = net.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-    if F_x.dtype != dtype:
+    if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type): # Under autocast (bf16) the U-Net's layers pick their dtypes.
         raise RuntimeError(f'The U-Net returned {F_x.dtype} where {dtype} was expected.')
     return c_skip * x + c_out * F_x.to(torch.float32)
 

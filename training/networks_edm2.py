@@ -45,6 +45,13 @@ def resample(x, f=[1,1], mode='keep'):
         return torch.nn.functional.conv2d(x, taps.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=(pad,))
     return torch.nn.functional.conv_transpose2d(x, (taps * 4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=(pad,))
 
+def attention(q, k, v):
+    """Multi-head self-attention of q, k, v [N, heads, C, L] -> [N, heads, C, L]: the weights
+    softmax_k(q . k / sqrt(C)) applied to v, through scaled_dot_product_attention (fused
+    kernels on GPUs); EDM2's einsum form up to rounding."""
+    y = torch.nn.functional.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), scale=1 / np.sqrt(q.shape[2]))
+    return y.transpose(2, 3).contiguous() # The layout of the einsum form: dropout masks follow the memory layout.
+
 def mp_silu(x):
     """SiLU divided by its output magnitude for unit-variance Gaussian input."""
     return torch.nn.functional.silu(x) / 0.596
@@ -172,9 +179,7 @@ class Block(torch.nn.Module):
             qkv = self.attn_qkv(x)
             qkv = qkv.reshape(qkv.shape[0], self.num_heads, -1, 3, qkv.shape[2] * qkv.shape[3])
             q, k, v = normalize(qkv, dim=2).unbind(3)
-            weights = torch.einsum('nhcq,nhck->nhqk', q, k / np.sqrt(q.shape[2])).softmax(dim=3)
-            y = torch.einsum('nhqk,nhck->nhcq', weights, v)
-            y = self.attn_proj(y.reshape(*x.shape))
+            y = self.attn_proj(attention(q, k, v).reshape(*x.shape))
             x = mp_sum(x, y, t=self.attn_balance)
 
         if self.clip_act is not None:

@@ -24,9 +24,9 @@ Hooks for other losses and for in-training evaluation, all optional:
 * `teacher_pkl` loads a snapshot's `ema` as a frozen teacher (eval mode, no
   gradients, on the device; `load_teacher()`: on the project's class of a
   pickle's network, guided by `gnet_pkl` with weight `guidance` when given)
-  and hands it to `loss_fn.set_teacher()`; the
-  teacher runs in the precision of the trained network (its `use_fp16` is set
-  to network_kwargs' `use_fp16`, which takes effect on CUDA). A resumed run
+  and hands it to `loss_fn.set_teacher()`; the teacher runs in
+  `teacher_precision`, by default the precision of the trained network
+  (training/precision.py; reduced precision takes effect on CUDA). A resumed run
   loads it again from the same path. A `resume_pkl` equal to `teacher_pkl`
   starts the network from the teacher itself (same class, names and shapes).
 * The dataset's encoder (training/encoders.py) turns its batches into what
@@ -41,10 +41,15 @@ Hooks for other losses and for in-training evaluation, all optional:
   (none with `ema_halflife_kimg=None`, EDM2's setting). Validation and the
   snapshots it keeps use the classic EMA, else the first profile.
 * A step whose gradient is not finite is skipped (weights, EMA, target and
-  optimizer untouched; `Loss/skipped_steps` counts it); after more than
-  `max_bad_steps` in a row, or with non-finite weights at a snapshot or
-  training state, the loop raises `TrainingStopped` (one sentence), so that
-  the last good snapshot and state stay the newest ones.
+  optimizer untouched; `Loss/skipped_steps` counts it); when a tick held more
+  than `max_bad_steps` in a row, or with non-finite weights at a snapshot or
+  training state, the loop raises `TrainingStopped` (one sentence) before it
+  saves anything, so that the last good snapshot and state stay the newest
+  ones. The skip and the count happen on the device (training/steps.py) and
+  are read once per tick, like the statistics: a step reads nothing back to
+  the host.
+* `compile_networks` runs the student, the teacher and the target through
+  torch.compile (training/compiling.py); the optimizer is fused Adam on CUDA.
 * `lr_decay_batches` switches the learning rate to EDM2's schedule: the same
   linear ramp-up, then ref_lr / sqrt(steps / lr_decay_batches).
 * `validation_fn` is called every `val_every` ticks on all ranks and returns
@@ -95,9 +100,11 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import training_stats
 from training import checkpoint
+from training import compiling
 from training import encoders
 from training import guidance as guidance_lib
 from training import phema
+from training import precision as precisions
 from training import samplers
 from training import steps
 
@@ -222,7 +229,8 @@ def _check_fits_data(net, dataset_obj, data, where, interface):
 
 RESUME_KEEPS = ( # Settings a resumed run may change and stay one run; a change of any other is refused.
     'total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'validation_fn', 'val_every', 'val_at_start', 'data_loader_kwargs',
-    'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl', 'gnet_pkl', 'vae_name')
+    'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl', 'gnet_pkl', 'vae_name',
+    'teacher_precision', 'compile_networks')
 NOT_SETTINGS = ( # Keywords of training_loop() (and their entries) that say where a run starts or what it found, not what it is.
     'run_dir', 'snapshot_extras', 'wandb_run', 'device', 'inputs', 'resume_pkl', 'resume_state_dump', 'dataset_kwargs.resolution', 'dataset_kwargs.max_size')
 
@@ -251,8 +259,10 @@ def _check_resume(state, path, shapes, settings, loss_fn, teacher_digest):
     checkpoint.check_tensors({k: v.shape for k, v in state['net'].items()}, shapes, what, fix, require_all=True)
     old = state.get('settings') or run_settings(dict(network_kwargs=state['network_kwargs'], loss_kwargs=state['loss_kwargs']))
     kept = lambda name: any(name == key or name.startswith(key + '.') for key in RESUME_KEEPS)
+    defaults = run_settings(dict())
     changed = [(name, old.get(name), settings.get(name)) for name in sorted(set(old) | set(settings))
-        if old.get(name) != settings.get(name) and (name in old or 'settings' in state) and not (name == 'seed' and settings[name] is None)]
+        if old.get(name) != settings.get(name) and (name in old or 'settings' in state) and not (name == 'seed' and settings[name] is None)
+        and not (name not in old and settings.get(name) == defaults.get(name))] # A setting newer than the state, at its default, is no change.
     refused = [f'{name} {a!r} -> {b!r}' for name, a, b in changed if not kept(name)]
     if state.get('teacher_digest') is not None and state['teacher_digest'] != teacher_digest:
         refused.append('the teacher (its weights differ)')
@@ -347,6 +357,8 @@ def setup(
         teacher = load_teacher(teacher_pkl, gnet_pkl, guidance) if teacher is None else teacher
         teacher_digest = checkpoint.tensor_digest(teacher)
         _check_fits_data(teacher, dataset_obj, dataset_kwargs['path'], f'The teacher "{teacher_pkl}"', interface_kwargs)
+        net_precision = precisions.resolve(loop_kwargs.get('precision'), network_kwargs.get('use_fp16', False))
+        precisions.check_network(guidance_lib.unwrap(teacher), loop_kwargs.get('teacher_precision') or net_precision, f'The teacher "{teacher_pkl}"')
         loss_fn.set_teacher(teacher)
 
     # The weights the network starts from: the teacher's (same class, names and shapes) or a --transfer snapshot's.
@@ -402,6 +414,9 @@ def training_loop(
     lr_decay_batches    = None,     # EDM2's inverse-square-root decay after this many steps, None = none.
     max_bad_steps       = 100,      # Stop after this many consecutive steps with a non-finite loss or gradient.
     loss_scaling        = 1,        # Factor on the loss before backpropagation (FP16 range).
+    precision           = None,     # Networks in 'fp32', 'fp16' or 'bf16' (CUDA only); None = 'fp16' with network_kwargs' use_fp16, else 'fp32'.
+    teacher_precision   = None,     # The teacher's precision, None = the network's.
+    compile_networks    = False,    # Run student, teacher and target through torch.compile (eager where it is unavailable)?
     kimg_per_tick       = 50,       # Progress line and statistics every this many thousand images.
     snapshot_ticks      = 50,       # Network snapshot every this many ticks, None = never.
     state_dump_ticks    = 500,      # Training state every this many ticks, None = never.
@@ -471,19 +486,21 @@ def training_loop(
 
     # Optimizer, augmentation, DDP wrapper and EMA.
     dist.print0('Setting up the optimizer and EMA...')
-    optimizer = dnnlib.util.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    optimizer = steps.make_optimizer(net.parameters(), optimizer_kwargs, device)
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     frozen = set(loss_fn.frozen_parameters(net, augment_pipe) if hasattr(loss_fn, 'frozen_parameters') else [])
     for name, param in net.named_parameters():
         param.requires_grad_(name not in frozen) # DDP expects a gradient of every parameter that requires one.
-    ddp = steps.distributed(net, device) if dist.is_distributed() else net
+    student = compiling.compile_network(net) if compile_networks else net
+    ddp = steps.distributed(student, device) if dist.is_distributed() else student
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg is not None else None
 
-    # The frozen teacher, in the precision of the network; the weights to start from.
+    # The frozen teacher in its precision (that of the network unless teacher_precision says otherwise); the weights to start from.
+    net_precision = precisions.resolve(precision, network_kwargs.get('use_fp16', False))
     if inputs.teacher is not None:
-        inputs.teacher.to(device)
-        if hasattr(inputs.teacher, 'use_fp16'):
-            inputs.teacher.use_fp16 = bool(network_kwargs.get('use_fp16', False))
+        loss_fn.set_teacher(precisions.Teacher(inputs.teacher.to(device), teacher_precision or net_precision))
+    if compile_networks and hasattr(loss_fn, 'set_compile'):
+        loss_fn.set_compile(compiling.compile_network)
     if inputs.init_net is not None:
         dist.print0(f'Copying the weights of "{resume_pkl}"...')
         misc.copy_params_and_buffers(src_module=inputs.init_net, dst_module=net, require_all=False)
@@ -565,7 +582,7 @@ def training_loop(
     dist.print0(f'Training until {total_kimg} kimg...')
     dist.print0()
     base_lr = optimizer_kwargs['lr']
-    bad_steps = 0 # Consecutive steps skipped for a non-finite gradient.
+    bad_steps = worst_bad_steps = torch.zeros([], dtype=torch.int64, device=device) # Consecutive steps skipped for a non-finite gradient; the most of this tick.
     tick_start_nimg = cur_nimg
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
@@ -575,7 +592,7 @@ def training_loop(
         except ValueError as err: # The dataset's sentence, also from a data-loader worker (the last line of its traceback).
             reason = str(err).strip().splitlines()[-1].removeprefix('ValueError: ')
             raise TrainingStopped(f'Training stopped at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {reason}') from err
-        return encoder.encode_latents(images.to(device)), labels.to(device)
+        return encoder.encode_latents(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
     while True:
 
         # One optimizer step over the global batch.
@@ -583,22 +600,18 @@ def training_loop(
             loss_fn.set_progress(cur_nimg)
         optimizer.zero_grad(set_to_none=True)
         steps.accumulate_gradients(ddp, loss_fn, next_batch, num_accumulation_rounds, batch_size, loss_scaling=loss_scaling, augment_pipe=augment_pipe,
-            seed=seed, step=cur_nimg // batch_size, first_index=rank * num_accumulation_rounds)
+            seed=seed, step=cur_nimg // batch_size, first_index=rank * num_accumulation_rounds, precision=net_precision)
         lr = steps.learning_rate(base_lr, cur_nimg, lr_rampup_kimg, batch_size=batch_size, decay_batches=lr_decay_batches)
         grad_norm = steps.optimizer_step(net, optimizer, lr, loss_scaling=loss_scaling)
-        finite = bool(torch.isfinite(grad_norm))
-        bad_steps = 0 if finite else bad_steps + 1
-        training_stats.report0('Loss/skipped_steps', 0 if finite else 1)
-        training_stats.report0('Loss/grad_norm', grad_norm if finite else [])
+        finite = torch.isfinite(grad_norm) # On the device: counted here, read once per tick.
+        bad_steps = torch.where(finite, 0, bad_steps + 1)
+        worst_bad_steps = torch.maximum(worst_bad_steps, bad_steps)
+        training_stats.report0('Loss/skipped_steps', (~finite).to(torch.float32))
+        training_stats.report0('Loss/grad_norm', grad_norm, mask=finite)
         training_stats.report0('Progress/lr', lr)
-        if bad_steps > max_bad_steps:
-            raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {bad_steps} consecutive steps had a non-finite '
-                f'loss or gradient (gradient norm {float(grad_norm)}) and were skipped; {divergence_fix}.')
-        if finite: # A skipped step leaves the weights, the EMA, the target and the optimizer as they were.
-            if hasattr(loss_fn, 'update_target'):
-                loss_fn.update_target(net)
-            if ema is not None:
-                steps.update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio)
+        steps.update_target(loss_fn, net, finite) # A skipped step leaves the weights, the EMA, the target and the optimizer as they were.
+        if ema is not None:
+            steps.update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio, finite=finite)
         if pf_ema is not None: # A profile of training time: after a skipped step it averages the unchanged weights.
             pf_ema.update(cur_nimg + batch_size, batch_size)
 
@@ -607,6 +620,12 @@ def training_loop(
         done = (cur_nimg >= total_kimg * 1000)
         if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
             continue
+
+        # Divergence: more than max_bad_steps consecutive skipped steps in this tick.
+        if int(worst_bad_steps) > max_bad_steps:
+            raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {int(worst_bad_steps)} consecutive steps had a non-finite '
+                f'loss or gradient (gradient norm {float(grad_norm)}) and were skipped; {divergence_fix}.')
+        worst_bad_steps = bad_steps
 
         # Progress line; the same figures go to the statistics.
         tick_end_time = time.time()
