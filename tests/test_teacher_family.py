@@ -103,7 +103,7 @@ def test_edm2_teacher_distils_without_architecture_flags(tmp_path, rgb4, edm2_te
     run_dir, = run_dirs(str(tmp_path))
     assert os.path.basename(run_dir) == '00000-rgb4-uncond-teacher-edm2-gpus1-batch500-fp32-cd2'
     assert 'The teacher (Precond) has no sigma_min, sigma_max, round_sigma: the noise levels of the distillation\'s grids (--sigma_min, --sigma_max) are used without rounding.' in text
-    assert 'keeps the code embedded' not in text and "Network:          the teacher's architecture (training.networks_edm2.Precond), float32" in text
+    assert 'keeps the code embedded' not in text and "Network:          the teacher's architecture (training.networks_edm2.Precond), fp32" in text
     with open(os.path.join(run_dir, 'training_options.json')) as f:
         options = json.load(f)
     assert options['network_kwargs'] == dict(class_name='training.networks_edm2.Precond', **dict(EDM2_KWARGS, use_fp16=False)) # The teacher's, at --fp16.
