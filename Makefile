@@ -16,7 +16,7 @@ $(VENV)/.stamp: requirements.txt
 	touch $@
 
 test: venv
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2
 
 demo: venv
 	$(PY) demo.py --outdir=demo-runs

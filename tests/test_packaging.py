@@ -21,7 +21,7 @@ def test_requirements_and_environment_pin_the_same_versions():
     env = _pins(text, r'^\s*-\s*([A-Za-z0-9_.-]+)=([^=\s]+)\s*$')
     env.update(_pins(text, r'^\s*-\s*([A-Za-z0-9_.-]+)==([^\s]+)\s*$'))
     env.pop('python', None)
-    expected = {'torch', 'safetensors', 'numpy', 'scipy', 'click', 'pillow', 'requests', 'tqdm', 'wandb', 'psutil', 'scikit-learn', 'pytest', 'matplotlib',
-        'diffusers', 'huggingface_hub', 'hf-xet', 'httpx2', 'httpcore2', 'truststore', 'regex', 'importlib_metadata', 'zipp', 'lazy-importer'} # diffusers (the VAE) and what it pulls in.
+    expected = {'torch', 'safetensors', 'numpy', 'scipy', 'click', 'pillow', 'requests', 'tqdm', 'wandb', 'psutil', 'scikit-learn', 'pytest', 'pytest-xdist', 'execnet', 'matplotlib',
+        'diffusers', 'huggingface_hub', 'hf-xet', 'httpx2', 'httpcore2', 'truststore', 'regex', 'importlib_metadata', 'zipp', 'lazy-importer'} # diffusers (the VAE) and what it pulls in; pytest-xdist runs the suite on 2 processes.
     assert set(req) == expected
     assert env == req
