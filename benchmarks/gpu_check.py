@@ -13,7 +13,8 @@ a table last; the exit code is 1 when a check failed.
 
 It needs only the packages of a plain CUDA PyTorch image (torch, numpy; no
 click, wandb, diffusers or pytest: a missing pytest skips the suite's CUDA-only
-tests, with that reason). `--device=cpu --tiny` runs the same checks on small
+tests, and a missing click, Pillow or scikit-learn the torchrun distillation,
+each with that reason). `--device=cpu --tiny` runs the same checks on small
 networks on the CPU (tests/test_gpu_check.py); what needs CUDA or compilation
 is then skipped, each with its reason.
 
@@ -225,6 +226,9 @@ def check_torchrun_distillation(ctx):
     """dataset_tool.py digits, a small teacher, then one-process torchrun distillation with validation (NCCL and bf16 on CUDA)."""
     if ctx.tiny:
         raise Skip('--tiny: the distributed runs are tests/test_train_ddp.py and tests/test_train_val.py')
+    missing = [name for name in ('click', 'PIL', 'sklearn') if importlib.util.find_spec(name) is None]
+    if missing:
+        raise Skip(f'train.py and dataset_tool.py need {", ".join(missing)}, which this Python lacks')
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
     env.pop('WANDB_MODE', None)
     device = ctx.device.type
