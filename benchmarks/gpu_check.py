@@ -59,23 +59,16 @@ def relative_error(ours, ref):
     ref = ref.detach().to(ours.device, torch.float32)
     return float((ours.detach().float() - ref).abs().max() / max(1.0, float(ref.abs().max())))
 
-def _edm_fixtures():
-    with open(os.path.join(FIXTURES, 'edm_reference', 'manifest.json')) as f:
+def _fixtures(family):
+    """(name, network, arrays) of the reference fixtures of 'edm_reference' or 'edm2_reference'."""
+    with open(os.path.join(FIXTURES, family, 'manifest.json')) as f:
         manifest = json.load(f)
     for name, entry in manifest.items():
         if not name.startswith('full:'):
-            with np.load(os.path.join(FIXTURES, 'edm_reference', f'{name}.npz')) as data:
+            with np.load(os.path.join(FIXTURES, family, f'{name}.npz')) as data:
                 arrays = {key: torch.from_numpy(data[key]) for key in data.files}
-            yield name, getattr(networks, entry['precond'])(**entry['kwargs']), arrays
-
-def _edm2_fixtures():
-    with open(os.path.join(FIXTURES, 'edm2_reference', 'manifest.json')) as f:
-        manifest = json.load(f)
-    for name, entry in manifest.items():
-        if not name.startswith('full:'):
-            with np.load(os.path.join(FIXTURES, 'edm2_reference', f'{name}.npz')) as data:
-                arrays = {key: torch.from_numpy(data[key]) for key in data.files}
-            yield name, networks_edm2.Precond(**entry['kwargs']), arrays
+            net_class = networks_edm2.Precond if family == 'edm2_reference' else getattr(networks, entry['precond'])
+            yield name, net_class(**entry['kwargs']), arrays
 
 def _fixture_errors(net, arrays, device, precision):
     """Relative errors of D_x against a fixture, with the network in `precision`."""
@@ -90,8 +83,8 @@ def _fixture_errors(net, arrays, device, precision):
 
 def check_fixtures_fp32(ctx):
     """The EDM (1e-4) and EDM2 (1e-5) fixtures in float32 on the device, TF32 off."""
-    errors = {name: _fixture_errors(net, arrays, ctx.device, 'fp32') for name, net, arrays in _edm_fixtures()}
-    errors2 = {name: _fixture_errors(net, arrays, ctx.device, 'fp32') for name, net, arrays in _edm2_fixtures()}
+    errors = {name: _fixture_errors(net, arrays, ctx.device, 'fp32') for name, net, arrays in _fixtures('edm_reference')}
+    errors2 = {name: _fixture_errors(net, arrays, ctx.device, 'fp32') for name, net, arrays in _fixtures('edm2_reference')}
     bad = {name: e for name, e in errors.items() if e > 1e-4} | {name: e for name, e in errors2.items() if e > 1e-5}
     if bad:
         raise AssertionError(f'fixtures beyond tolerance: {bad}')
@@ -101,7 +94,7 @@ def check_fixtures_reduced(ctx):
     """The EDM fixtures in fp16 (EDM's use_fp16) and bf16 (autocast), loosely: 5e-2 and 1e-1."""
     if ctx.device.type != 'cuda':
         raise Skip('reduced precision runs on CUDA only')
-    errors = {f'{name}/{p}': _fixture_errors(net, arrays, ctx.device, p) for p in ('fp16', 'bf16') for name, net, arrays in _edm_fixtures()}
+    errors = {f'{name}/{p}': _fixture_errors(net, arrays, ctx.device, p) for p in ('fp16', 'bf16') for name, net, arrays in _fixtures('edm_reference')}
     bad = {key: e for key, e in errors.items() if e > (5e-2 if key.endswith('fp16') else 1e-1)}
     if bad:
         raise AssertionError(f'reduced-precision fixtures beyond tolerance: {bad}')

@@ -30,7 +30,9 @@ LATENT_CHANNELS = 4                     # Channels of the VAE's final latents (a
 
 @persistence.persistent_class
 class Encoder:
-    """Base class: encode = encode_latents(encode_pixels(x)); init(device) loads what is lazy."""
+    """Base class of EDM2's encoder interface (kept under EDM2's class path, which its
+    snapshots name): encode = encode_latents(encode_pixels(x)); init(device) loads what
+    is lazy. Every subclass implements the three conversions."""
 
     def __init__(self):
         pass
