@@ -140,15 +140,19 @@ def next_run_dir(outdir, desc):
 
 def claim_run_dir(outdir, desc):
     """Create the next run directory of outdir (see next_run_dir) and return its path. The
-    id is claimed by exclusive creation, the next one on a collision, so that runs started
-    together get distinct directories."""
+    id itself is claimed by exclusive creation of `outdir/.run-ids/<id>` (the next id when
+    it exists), so that runs started together get distinct ids whatever their `desc`."""
+    claims = os.path.join(outdir, '.run-ids')
+    os.makedirs(claims, exist_ok=True)
+    run_id = int(os.path.basename(next_run_dir(outdir, desc))[:5])
     while True:
-        path = next_run_dir(outdir, desc)
         try:
+            os.close(os.open(os.path.join(claims, f'{run_id:05d}'), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            path = os.path.join(outdir, f'{run_id:05d}-{desc}')
             os.makedirs(path)
             return path
         except FileExistsError:
-            continue
+            run_id += 1
 
 #----------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ def finish(proc, timeout=600):
     return proc.returncode, out, err
 
 def run_dirs(outdir):
-    return sorted(os.path.join(outdir, name) for name in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, name)))
+    return sorted(os.path.join(outdir, name) for name in os.listdir(outdir) if not name.startswith('.') and os.path.isdir(os.path.join(outdir, name)))
 
 def read_stats(run_dir):
     with open(os.path.join(run_dir, 'stats.jsonl')) as f:

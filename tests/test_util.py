@@ -202,6 +202,8 @@ def test_run_directories_take_the_next_free_id(tmp_path):
     second = util.claim_run_dir(str(tmp_path), 'x')
     assert (first, second) == (str(tmp_path / '00008-x'), str(tmp_path / '00010-x')) and os.path.isdir(second)
     assert util.claim_run_dir(str(tmp_path / 'new'), 'y') == str(tmp_path / 'new' / '00000-y')
+    (tmp_path / '.run-ids' / '00011').touch() # Id 11 claimed by a run that has not made its directory yet.
+    assert util.claim_run_dir(str(tmp_path), 'z') == str(tmp_path / '00012-z')
 
 #----------------------------------------------------------------------------
 
