@@ -26,6 +26,7 @@ ConsistencyDistillLoss, or of the student sampler with the prefix `sampler_`.
     python benchmarks/gmm_distill.py --mixture=gmm8 --S=4,8 --config=target_teacher --out=teacher.json
     python benchmarks/gmm_distill.py --set target_ema=0.9 --set sampler_stochastic=true
     python benchmarks/gmm_distill.py --init_steps=1600     # students start from a denoiser checkpoint
+    python benchmarks/gmm_distill.py --init_steps=1600 --init_cache=ckpt --config=oracle   # the bound of any target choice
 """
 
 import copy
@@ -40,6 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from training import consistency_ops as ops              # pylint: disable=wrong-import-position
 from training import samplers                            # pylint: disable=wrong-import-position
 from training.gmm import GaussianMixture                 # pylint: disable=wrong-import-position
 from training.loss import EDMLoss                         # pylint: disable=wrong-import-position
@@ -78,6 +80,10 @@ MIXTURES = ('gmm8', 'gmm16')
 #----------------------------------------------------------------------------
 # Configurations: keywords of ConsistencyDistillLoss, and of the student sampler as sampler_*.
 
+# Student grids that put the interior levels where gmm8's students err (sigma ~ 0.25-12): found by hand
+# from the per-segment errors of the `karras` students, a value per S (interior sigmas, descending).
+MID_LAYOUTS = {2: '2', 4: '8,2,0.5', 8: '12,6,3.5,2,1.2,0.6,0.25'}
+
 CONFIGS = {
     'current':      dict(),
     'T16':          dict(T_start=16, T_end=16),
@@ -103,6 +109,10 @@ CONFIGS = {
     'addim_bridge': dict(addim_scale=0.1),
     'addim_sampler': dict(sampler_addim_scale=0.1),
     'stochastic':   dict(sampler_stochastic=True),
+    'layout_mid':   dict(student_sigmas=MID_LAYOUTS),
+    'layout_mid_teacher': dict(student_sigmas=MID_LAYOUTS, target_mode='teacher'),
+    'oracle':       dict(oracle_substeps=8),
+    'oracle_layout_mid': dict(oracle_substeps=8, student_sigmas=MID_LAYOUTS),
 }
 
 def parse_value(text):
@@ -138,6 +148,40 @@ def resolve_config(name, overrides, budget_kimg, dim):
         loss_kwargs['huber_c'] = float(loss_kwargs['huber_c'][:-1]) * 0.00054 * np.sqrt(dim)
     return loss_kwargs, sampler_kwargs
 
+def for_S(loss_kwargs, S):
+    """The keywords for an S-step student: a value given per S (a dict) is resolved."""
+    missing = [key for key, value in loss_kwargs.items() if isinstance(value, dict) and S not in value]
+    if missing:
+        raise click.ClickException(f'The preset gives {missing[0]} for S = {", ".join(str(v) for v in sorted(loss_kwargs[missing[0]]))} only, not S={S}; '
+            f'pick --S among those.')
+    return {key: (value[S] if isinstance(value, dict) else value) for key, value in loss_kwargs.items()}
+
+class OracleTargetLoss(ConsistencyDistillLoss):
+    """A control, not a method: the reference point of every non-terminal draw is the teacher's own ODE
+    solution from sigma_t to the segment boundary (`substeps` Heun steps, geometric in sigma; a boundary
+    of 0 ends with the denoiser at sigma_min), so there is neither target network nor bootstrapping and
+    the student regresses onto the exact segment map. It bounds what any target choice can reach."""
+
+    def __init__(self, *, oracle_substeps=8, **kwargs):
+        super().__init__(**dict(kwargs, target_mode='teacher'))
+        self.oracle_substeps = int(oracle_substeps)
+
+    @torch.no_grad()
+    def draw(self, net, images, labels=None, augment_pipe=None):
+        d = super().draw(net, images, labels, augment_pipe)
+        denoise = ops.make_denoiser(self.teacher, labels, d.augment_labels)
+        sigma_t = d.sigma_t.to(torch.float64)
+        end = torch.where(d.sigma_ref > 0, d.sigma_ref.to(torch.float64), torch.full_like(sigma_t, self.sigma_min).minimum(sigma_t / 2))
+        x = d.x_t.to(torch.float64)
+        for i in range(self.oracle_substeps):
+            x = ops.heun_hop(denoise, x, sigma_t * (end / sigma_t) ** (i / self.oracle_substeps),
+                sigma_t * (end / sigma_t) ** ((i + 1) / self.oracle_substeps), dtype=torch.float64)
+        x = torch.where(ops.expand_sigma(d.sigma_ref > 0, x).to(torch.bool), x, denoise(x, end, None).to(torch.float64))
+        x_ref = torch.where(ops.expand_sigma(d.case == ops.TERMINAL, x).to(torch.bool), d.y.to(torch.float64), x)
+        d.target, d.gain = ops.inverse_ddim(x_ref, d.x_t, d.sigma_t, d.sigma_ref, dtype=self.dtype)
+        d.x_ref = x_ref.to(self.dtype)
+        return d
+
 #----------------------------------------------------------------------------
 # Ground truth and metrics.
 
@@ -149,6 +193,40 @@ def references(mixture, latents, num_steps, sigma_min):
     fine = samplers.edm_sampler(mixture, latents, num_steps=2 * num_steps, sigma_min=sigma_min)
     diff = coarse - fine
     return fine, float(diff.square().mean().sqrt()), float(diff.abs().max())
+
+def exact_states(mixture, latents, sigmas, substeps):
+    """The exact PF-ODE states at every level of a student grid (sigmas, ending in 0) for the noise
+    `latents`: Heun steps on a Karras grid of `substeps` levels between consecutive levels, a last
+    segment ending at 1e-4 and the Euler step to 0 (as the reference), float64."""
+    sigmas = [float(v) for v in sigmas]
+    states = [latents.to(torch.float64) * sigmas[0]]
+    denoise = lambda x, sigma, _rows: mixture(x, sigma)
+    for a, b in zip(sigmas[:-1], sigmas[1:]):
+        grid = samplers.karras_sigmas(substeps, sigma_min=max(b, 1e-4), sigma_max=a).tolist() + ([0.0] if b == 0 else [])
+        x = states[-1]
+        for sa, sb in zip(grid[:-1], grid[1:]):
+            x = ops.heun_hop(denoise, x, sa, sb, dtype=torch.float64)
+        states.append(x)
+    return states
+
+@torch.no_grad()
+def segment_profile(student, states, sigmas):
+    """Where a student errs: per segment j, the RMSE of its DDIM step from the exact state at
+    sigmas[j] to the exact state at sigmas[j+1] (`one_step`), and the RMSE to the exact endpoint
+    of the student's remaining steps from the exact state at sigmas[j] (`from_exact`)."""
+    sigmas = [float(v) for v in sigmas]
+    def step(x, a, b):
+        x_hat = student(x, torch.as_tensor(a, dtype=torch.float64), None).to(torch.float64)
+        return x_hat if b == 0 else x_hat + (b / a) * (x - x_hat)
+    S = len(sigmas) - 1
+    one_step = [rmse(step(states[j], sigmas[j], sigmas[j + 1]), states[j + 1]) for j in range(S)]
+    from_exact = []
+    for j in range(S):
+        x = states[j]
+        for k in range(j, S):
+            x = step(x, sigmas[k], sigmas[k + 1])
+        from_exact.append(rmse(x, states[-1]))
+    return dict(one_step=one_step, from_exact=from_exact)
 
 def rmse(x, ref):
     return float((x.to(torch.float64) - ref).square().mean().sqrt())
@@ -200,7 +278,9 @@ def train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup_kim
     torch.manual_seed(seed)
     net = make_student(mixture, cbase) if init is None else copy.deepcopy(init)
     net.train().requires_grad_(True)
-    loss_fn = ConsistencyDistillLoss(S=S, **loss_kwargs).set_teacher(mixture)
+    loss_kwargs = for_S(loss_kwargs, S)
+    loss_class = OracleTargetLoss if 'oracle_substeps' in loss_kwargs else ConsistencyDistillLoss
+    loss_fn = loss_class(S=S, **loss_kwargs).set_teacher(mixture)
     return optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio), loss_fn
 
 def sample_student(student, loss_fn, latents, sampler_kwargs, seed):
@@ -214,12 +294,14 @@ def mean_std(values):
 
 #----------------------------------------------------------------------------
 
-def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, init_steps, log):
+def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, init_steps, init_cache, profile, log):
     """All figures of one mixture as a dict."""
     start = time.time()
     mixture = make_mixture(name)
     budget_kimg = steps * batch / 1000
     loss_kwargs, sampler_kwargs = resolve_config(config, overrides, budget_kimg, mixture.dim)
+    for S in S_list:
+        for_S(loss_kwargs, S)
     latents = torch.randn([num, mixture.img_channels, mixture.img_resolution, mixture.img_resolution],
         dtype=torch.float64, generator=torch.Generator().manual_seed(777))
     exact, doubling_rms, doubling_max = references(mixture, latents, ref_steps, sigma_min=1e-4)
@@ -234,11 +316,23 @@ def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_ram
     init = None
     if init_steps > 0:
         t0 = time.time()
-        init = pretrain_denoiser(mixture, init_steps, batch, lr, lr_rampup, ema, ema_rampup, cbase)
-        out['init'] = dict(steps=init_steps, seconds=time.time() - t0)
-        log(f'  initial student: the U-Net trained as the denoiser for {init_steps} steps x {batch} images, {time.time() - t0:.1f} s')
+        cache = None if init_cache is None else os.path.join(init_cache,
+            f'{name}-denoiser-{init_steps}x{batch}-lr{lr:g}-rampup{lr_rampup:g}-ema{ema:g}-{ema_rampup:g}-c{cbase}.pt')
+        if cache is not None and os.path.isfile(cache):
+            init = make_student(mixture, cbase).eval().requires_grad_(False)
+            init.load_state_dict(torch.load(cache, map_location='cpu'))
+        else:
+            init = pretrain_denoiser(mixture, init_steps, batch, lr, lr_rampup, ema, ema_rampup, cbase)
+            if cache is not None:
+                os.makedirs(init_cache, exist_ok=True)
+                torch.save(init.state_dict(), cache + '.tmp')
+                os.replace(cache + '.tmp', cache)
+        out['init'] = dict(steps=init_steps, seconds=time.time() - t0, cache=cache)
+        log(f'  initial student: the U-Net trained as the denoiser for {init_steps} steps x {batch} images'
+            f'{" (from " + cache + ")" if cache is not None else ""}, {time.time() - t0:.1f} s')
     for S in S_list:
         rows = dict(rmse=[], tv=[], seconds=[])
+        profiles, states = [], None
         for seed in seeds:
             t0 = time.time()
             student, loss_fn = train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, init=init)
@@ -246,12 +340,20 @@ def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_ram
             rows['rmse'].append(rmse(x, exact))
             rows['tv'].append(coverage_tv(mixture, x))
             rows['seconds'].append(time.time() - t0)
+            if profile and not sampler_kwargs:
+                states = states if states is not None else exact_states(mixture, latents, loss_fn.student_sigmas(), ref_steps)
+                profiles.append(segment_profile(student, states, loss_fn.student_sigmas()))
         heun_steps = (S + 1) // 2
         euler = samplers.euler_sampler(mixture, latents, num_steps=S)
         heun = samplers.edm_sampler(mixture, latents, num_steps=heun_steps)
         entry = dict(student=dict(rmse=mean_std(rows['rmse']), tv=mean_std(rows['tv']), seconds=mean_std(rows['seconds'])),
             euler=dict(nfe=S, rmse=rmse(euler, exact), tv=coverage_tv(mixture, euler)),
             heun=dict(nfe=2 * heun_steps - 1, rmse=rmse(heun, exact), tv=coverage_tv(mixture, heun)))
+        if len(profiles) > 0:
+            entry['segments'] = dict(sigmas=loss_fn.student_sigmas().tolist(),
+                **{key: [float(np.mean(v)) for v in zip(*[p[key] for p in profiles])] for key in ('one_step', 'from_exact')})
+            log(f'  S={S} per segment (mean over seeds): one step from the exact state ' + ' '.join(f'{v:.3f}' for v in entry['segments']['one_step']) +
+                ' | RMSE of the remaining steps from the exact state ' + ' '.join(f'{v:.3f}' for v in entry['segments']['from_exact']))
         if init is not None:
             with torch.no_grad():
                 x = samplers.euler_sampler(init, latents.to(torch.float32), num_steps=S)
@@ -278,12 +380,14 @@ def run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_ram
 @click.option('--ema',          help='EMA half-life of the evaluated student', metavar='KIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option('--ema_rampup',   help='EMA half-life cap as a fraction of the images seen', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25, show_default=True)
 @click.option('--init_steps',   help='Steps of denoiser training that give the initial student (0: random weights)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--init_cache',   help='Keep the denoiser checkpoint in this folder and reuse it', metavar='DIR', type=str)
 @click.option('--cbase',        help='Channel base of the student U-Net', metavar='INT', type=click.IntRange(min=4), default=16, show_default=True)
 @click.option('--num',          help='Evaluation samples (fixed noise)', metavar='INT', type=click.IntRange(min=2), default=512, show_default=True)
 @click.option('--ref_steps',    help='Heun levels of the coarse reference (the fine one has twice as many)', metavar='INT', type=click.IntRange(min=2), default=128, show_default=True)
+@click.option('--profile',      help='Also report each segment\'s error from the exact states (deterministic sampler only)', is_flag=True)
 @click.option('--threads',      help='CPU threads', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--out',          help='Write the figures to this JSON file', metavar='JSON', type=str)
-def main(mixture, config, overrides, S_list, seeds, steps, batch, lr, lr_rampup, ema, ema_rampup, init_steps, cbase, num, ref_steps, threads, out):
+def main(mixture, config, overrides, S_list, seeds, steps, batch, lr, lr_rampup, ema, ema_rampup, init_steps, init_cache, cbase, num, ref_steps, profile, threads, out):
     """Distil Gaussian-mixture teachers into S-step students and compare them with the exact ODE endpoints."""
     torch.set_num_threads(threads)
     S_list = [int(v) for v in S_list.split(',') if v.strip()]
@@ -292,14 +396,14 @@ def main(mixture, config, overrides, S_list, seeds, steps, batch, lr, lr_rampup,
     start = time.time()
     print(f'Config {config} {list(overrides)}; budget {steps} steps x {batch} images per student, S={S_list}, seeds {seeds}, {threads} thread(s)', flush=True)
     log = lambda text: print(text, flush=True)
-    results = [run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, init_steps, log) for name in names]
+    results = [run_mixture(name, S_list, seeds, config, overrides, steps, batch, lr, lr_rampup, ema, ema_rampup, cbase, num, ref_steps, init_steps, init_cache, profile, log) for name in names]
     total = time.time() - start
     print(f'Total wall time {total:.1f} s', flush=True)
     if out is not None:
         with open(out, 'w') as f:
             json.dump(dict(config=config, overrides=list(overrides), S=S_list, seeds=seeds,
                 budget=dict(steps=steps, batch=batch, kimg=steps * batch / 1000, lr=lr, lr_rampup_kimg=lr_rampup,
-                ema_halflife_kimg=ema, ema_rampup_ratio=ema_rampup, cbase=cbase, init_steps=init_steps),
+                ema_halflife_kimg=ema, ema_rampup_ratio=ema_rampup, cbase=cbase, init_steps=init_steps, init_cache=init_cache),
                 num=num, threads=threads, seconds=total, mixtures=results), f, indent=2)
 
 #----------------------------------------------------------------------------
