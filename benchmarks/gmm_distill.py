@@ -22,7 +22,7 @@ and rank-4-plus-isotropic covariances. Configurations (--config) are the presets
 `current` being today's defaults; --set KEY=VALUE overrides a keyword of
 ConsistencyDistillLoss, or of the student sampler with the prefix `sampler_`.
 
-    python benchmarks/gmm_distill.py                   # current defaults, both mixtures, S=2,4,8, 3 seeds: ~7.5 min on 1 thread
+    python benchmarks/gmm_distill.py                   # current defaults, both mixtures, S=2,4,8, 3 seeds: ~9 min on 1 thread
     python benchmarks/gmm_distill.py --mixture=gmm8 --S=4,8 --config=target_teacher --out=teacher.json
     python benchmarks/gmm_distill.py --set target_ema=0.9 --set sampler_stochastic=true
     python benchmarks/gmm_distill.py --init_steps=1600     # students start from a denoiser checkpoint
