@@ -21,6 +21,10 @@ Mixtures: `gmm8` (1x8x8, 4 well-separated equal-weight components) and
 and rank-4-plus-isotropic covariances. Configurations (--config) are the presets of CONFIGS,
 `current` being today's defaults; --set KEY=VALUE overrides a keyword of
 ConsistencyDistillLoss, or of the student sampler with the prefix `sampler_`.
+The `oracle` presets are a control: their reference is the teacher's own ODE
+solution to the segment boundary (OracleTargetLoss), which bounds what any
+target choice can reach. --profile adds each segment's error from the exact
+ODE states; --init_cache keeps the denoiser checkpoint for the next run.
 
     python benchmarks/gmm_distill.py                   # current defaults, both mixtures, S=2,4,8, 3 seeds: ~9 min on 1 thread
     python benchmarks/gmm_distill.py --mixture=gmm8 --S=4,8 --config=target_teacher --out=teacher.json
