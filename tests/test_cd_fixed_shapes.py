@@ -13,15 +13,14 @@ import torch
 
 from torch_utils import training_stats
 
+from _numerics import relative_error
+
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'cd_step_reference')
 sys.path.insert(0, REFERENCE_DIR)
 import make_reference # pylint: disable=wrong-import-position
 
 REFERENCE = torch.load(os.path.join(REFERENCE_DIR, 'reference.pt'), weights_only=False)
 RTOL = 2e-5 # Float32 rounding, amplified by the inverse DDIM's gain (at most about 10 here).
-
-def relative_error(ours, ref):
-    return float((ours.to(torch.float64) - ref.to(torch.float64)).abs().max() / max(1.0, float(ref.abs().max())))
 
 @pytest.mark.parametrize('name', sorted(REFERENCE))
 def test_step_reproduces_the_implementation_before_the_rewrite(name, one_thread):

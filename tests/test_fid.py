@@ -20,6 +20,11 @@ import _fid_detector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+def random_images(seed, shape, shift):
+    """Random uint8 images of `shape` [N, C, H, W] and their copies shifted by `shift` levels (clipped)."""
+    images = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    return images, np.clip(images.astype(np.int64) + shift, 0, 255).astype(np.uint8)
+
 def write_images(path, images):
     """uint8 images [N, C, H, W] as PNGs in a folder, or in a zip if path ends in .zip."""
     files = []
@@ -69,8 +74,7 @@ def error_line(result):
 def rgb(tmp_path_factory):
     """48 random 3x8x8 images, their shifted copies, a stand-in detector and its reference statistics."""
     tmp = tmp_path_factory.mktemp('rgb')
-    images = np.random.default_rng(0).integers(0, 256, [48, 3, 8, 8], dtype=np.uint8)
-    shifted = np.clip(images.astype(np.int64) + 40, 0, 255).astype(np.uint8)
+    images, shifted = random_images(0, [48, 3, 8, 8], 40)
     det, weight = write_standin(tmp / 'standin.pkl', in_dim=3 * 8 * 8)
     folder = write_images(tmp / 'images', images)
     result = run_fid('ref', f'--data={folder}', f'--dest={tmp / "ref.npz"}', f'--detector={det}', '--batch=10', '--workers=0')
@@ -95,8 +99,7 @@ def test_standin_detector_ref_and_calc(rgb):
     assert shifted == pytest.approx(expected, rel=1e-5) and shifted > 0.1
 
 def test_pixels_ref_and_calc(tmp_path):
-    images = np.random.default_rng(1).integers(0, 256, [80, 1, 8, 8], dtype=np.uint8)
-    shifted = np.clip(images.astype(np.int64) - 30, 0, 255).astype(np.uint8)
+    images, shifted = random_images(1, [80, 1, 8, 8], -30)
     folder = write_images(tmp_path / 'gray.zip', images)
     result = run_fid('ref', f'--data={folder}', f'--dest={tmp_path / "pixels.npz"}', '--detector=pixels', '--workers=0')
     assert result.exit_code == 0 and '64 features, detector "pixels"' in result.output, result.output

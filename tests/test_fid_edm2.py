@@ -13,15 +13,14 @@ from training import dataset, metrics, validation
 
 import _fid_detector
 from _vit_standin import save_standin
-from test_fid import error_line, figure, run_fid, sqrtm_frechet, write_images, write_standin
+from test_fid import error_line, figure, random_images, run_fid, sqrtm_frechet, write_images, write_standin
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('edm2')
-    images = np.random.default_rng(0).integers(0, 256, [40, 3, 8, 8], dtype=np.uint8)
-    shifted = np.clip(images.astype(np.int64) + 60, 0, 255).astype(np.uint8)
+    images, shifted = random_images(0, [40, 3, 8, 8], 60)
     inception, weight = write_standin(tmp / 'inception-standin.pkl', in_dim=3 * 8 * 8)
-    return dict(tmp=tmp, images=images, folder=write_images(tmp / 'images', images), shifted=write_images(tmp / 'shifted', shifted),
+    return dict(tmp=tmp, images=images, folder=write_images(tmp / 'images', images), shifted=write_images(tmp / 'shifted', shifted), shifted_images=shifted,
         inception=inception, weight=weight, dinov2=save_standin(tmp / 'dinov2-standin.pth'))
 
 @pytest.fixture(autouse=True)
@@ -69,8 +68,7 @@ def test_edm2_reference_pickle_and_one_pass(setup, tmp_path, monkeypatch):
     fid = figure(run_fid('calc', f'--images={setup["shifted"]}', f'--ref={ref}', '--num=40', '--workers=0'), 'FID')
     fd_dinov2 = figure(run_fid('calc', f'--images={setup["shifted"]}', f'--ref={ref}', '--detector=dinov2', '--num=40', '--workers=0'), 'FD-DINOv2')
     assert sorted(both) == ['FD-DINOv2', 'FID'] and both == dict(FID=fid, **{'FD-DINOv2': fd_dinov2})
-    shifted = np.clip(setup['images'].astype(np.int64) + 60, 0, 255).astype(np.uint8)
-    assert fid == pytest.approx(sqrtm_frechet(_fid_detector.features_numpy(shifted, setup['weight']), inception), rel=1e-5)
+    assert fid == pytest.approx(sqrtm_frechet(_fid_detector.features_numpy(setup['shifted_images'], setup['weight']), inception), rel=1e-5)
     assert fd_dinov2 > 0 and figures(run_fid('calc', f'--images={setup["folder"]}', f'--ref={ref}', '--metrics=fd_dinov2', '--num=40', '--workers=0'))['FD-DINOv2'] < 1e-6
 
 def test_ref_writes_edm2s_pickle(setup, tmp_path):

@@ -10,6 +10,8 @@ import torch
 
 from training import networks
 
+from _numerics import output_and_gradients, relative_error
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'edm_reference')
 with open(os.path.join(FIXTURES, 'manifest.json')) as _f:
     MANIFEST = json.load(_f)
@@ -38,9 +40,6 @@ def fixture_call(net, arrays):
         hook.remove()
     assert len(captured) == 1
     return D_x, captured[0]
-
-def relative_error(ours, ref):
-    return ((ours - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
 
 def describe_mismatch(ours, ref):
     """Where ours and ref first differ by more than the tolerance."""
@@ -239,9 +238,7 @@ def test_network_gradients_match_the_einsum_attention(monkeypatch):
     def gradients():
         net = build('vp_ddpmpp_cond')
         net.load_state_dict(state, strict=True)
-        D_x = net(arrays['input/x'], arrays['input/sigma'], arrays['input/class_labels'])
-        D_x.square().sum().backward()
-        return D_x.detach(), {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+        return output_and_gradients(net, arrays['input/x'], arrays['input/sigma'], arrays['input/class_labels'])
     D_x, grads = gradients()
     monkeypatch.setattr(networks, 'attention', einsum_attention)
     D_ref, grads_ref = gradients()

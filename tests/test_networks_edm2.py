@@ -9,6 +9,8 @@ import torch
 
 from training import networks_edm2
 
+from _numerics import output_and_gradients, relative_error
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'edm2_reference')
 with open(os.path.join(FIXTURES, 'manifest.json')) as _f:
     MANIFEST = json.load(_f)
@@ -52,9 +54,6 @@ def fixture_call(net, arrays, **kwargs):
         hook.remove()
     assert len(captured) == 1
     return result, captured[0]
-
-def relative_error(ours, ref):
-    return ((ours.detach() - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
 
 def eval_errors(net, arrays):
     with torch.no_grad():
@@ -190,9 +189,7 @@ def test_attention_and_network_gradients_match_the_einsum_form(monkeypatch, one_
     name = SMALL[0]
     def gradients():
         net, arrays = build_loaded(name)
-        D_x = net(arrays['input/x'], arrays['input/sigma'], arrays.get('input/class_labels'))
-        D_x.square().sum().backward()
-        return D_x.detach(), {key: p.grad for key, p in net.named_parameters() if p.grad is not None}
+        return output_and_gradients(net, arrays['input/x'], arrays['input/sigma'], arrays.get('input/class_labels'))
     D_x, grads = gradients()
     monkeypatch.setattr(networks_edm2, 'attention', einsum_attention)
     D_ref, grads_ref = gradients()

@@ -18,6 +18,7 @@ from torch_utils import misc, persistence
 from training import loss as losses
 from training import networks_edm2
 
+from _numerics import relative_error
 from test_networks_edm2 import MANIFEST, load_fixture # pylint: disable=wrong-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,9 +197,6 @@ def edm2_snapshot_bytes(name):
 def run_fixture(net, arrays):
     with torch.no_grad():
         return net(arrays['input/x'], arrays['input/sigma'], arrays.get('input/class_labels'), return_logvar=True)
-
-def relative_error(ours, ref):
-    return ((ours - ref).abs().max() / max(1.0, ref.abs().max().item())).item()
 
 NAMES = ['edm2_cond', 'edm2_uncond_latent']
 
