@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 import dnnlib
 from training import encoders
+from training.dataset import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')                            # File types read as images.
 GRAY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')                         # PIL modes kept single-channel.
 MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz')  # Expected in an MNIST folder.
 SOURCE_KINDS = "an image folder, a .zip, a CIFAR-10 python tarball, an MNIST folder, an .npz file, or 'digits'"
@@ -334,6 +334,19 @@ def open_dest(dest):
             shutil.rmtree(temp, ignore_errors=True)
         raise
 
+def check_source(source_data, source, mixed_fix=None):
+    """The (width, height) of the first image of a source; a source with no images stops with a
+    ClickException, and so does one of several image sizes unless mixed_fix is None (else it
+    says what to do)."""
+    if len(source_data) == 0:
+        raise click.ClickException(f'Source {source!r} holds no images; pass {SOURCE_KINDS}.')
+    sizes = source_data.sizes()
+    odd = [idx for idx, size in enumerate(sizes) if size != sizes[0]]
+    if odd and mixed_fix is not None:
+        first, other = [f'{source_data.describe(i)} is {sizes[i][0]}x{sizes[i][1]}' for i in (0, odd[0])]
+        raise click.ClickException(f'Source {source!r} mixes resolutions ({first}, {other}); {mixed_fix}.')
+    return sizes[0]
+
 def write_dataset(source, transform, dest):
     labels = []
     with open_dest(dest) as put:
@@ -438,13 +451,7 @@ def convert(source, dest, max_images, resolution, transform):
 
     source_data = open_source(source, max_images)
     try:
-        if len(source_data) == 0:
-            raise click.ClickException(f'Source {source!r} holds no images; pass {SOURCE_KINDS}.')
-        sizes = source_data.sizes()
-        odd = [idx for idx, size in enumerate(sizes) if size != sizes[0]]
-        if resolution is None and odd:
-            first, other = [f'{source_data.describe(i)} is {sizes[i][0]}x{sizes[i][1]}' for i in (0, odd[0])]
-            raise click.ClickException(f'Source {source!r} mixes resolutions ({first}, {other}); pass --resolution=WxH to resize all images.')
+        check_source(source_data, source, mixed_fix=None if resolution is not None else 'pass --resolution=WxH to resize all images')
         count, shape, num_classes = write_dataset(source_data, make_transform(transform, resolution), dest)
     finally:
         source_data.close()
@@ -470,12 +477,7 @@ def encode(source, dest, vae, batch, max_images, device):
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     source_data = open_source(source, max_images)
     try:
-        sizes = source_data.sizes()
-        odd = [idx for idx, size in enumerate(sizes) if size != sizes[0]]
-        if odd:
-            first, other = [f'{source_data.describe(i)} is {sizes[i][0]}x{sizes[i][1]}' for i in (0, odd[0])]
-            raise click.ClickException(f'Source {source!r} mixes resolutions ({first}, {other}); make all images one size with "python dataset_tool.py convert --resolution=WxH" first.')
-        width, height = sizes[0]
+        width, height = check_source(source_data, source, mixed_fix='make all images one size with "python dataset_tool.py convert --resolution=WxH" first')
         if width % 8 or height % 8:
             raise click.ClickException(f'Source {source!r} holds {width}x{height} images; the VAE needs sizes divisible by 8, e.g. "python dataset_tool.py convert --resolution=512x512" first.')
         if source_data.image(0).shape[2] != 3:

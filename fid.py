@@ -23,11 +23,11 @@ def user_errors():
     except ValueError as err:
         raise click.ClickException(str(err)) from err
 
-def dataset_stats(images, detectors, batch, workers, keep_features=False):
+def dataset_stats(images, detectors, batch, workers, keep_num=None, keep_seed=0):
     """FeatureStats of every detector's features of all images, over all ranks, from one pass."""
     names = ', '.join(f'"{det.name}"' for det in detectors)
     dist.print0(f'Computing features of {len(images)} images with detector{"s" if len(detectors) > 1 else ""} {names} on {dist.get_world_size()} rank(s)...')
-    return metrics.compute_dataset_stats(images, detectors, batch_size=batch, num_workers=workers, progress=(dist.get_rank() == 0), keep_features=keep_features)
+    return metrics.compute_dataset_stats(images, detectors, batch_size=batch, num_workers=workers, progress=(dist.get_rank() == 0), keep_num=keep_num, keep_seed=keep_seed)
 
 #----------------------------------------------------------------------------
 
@@ -94,15 +94,14 @@ def calc(image_path, ref_path, num, seed, batch, detector, metric_names, pr_num,
         if ref_stats.detector is not None and ref_stats.detector != det.name:
             dist.print0(f'Note: the reference statistics come from detector "{ref_stats.detector}", the images go through "{det.name}".')
 
-    stats = dataset_stats(images, detectors, batch, workers, keep_features=with_pr)
+    stats = dataset_stats(images, detectors, batch, workers, keep_num=(pr_num if with_pr else None), keep_seed=seed)
     if dist.get_rank() == 0:
         with user_errors():
             for ref_stats, det, det_stats in zip(refs, detectors, stats):
                 mu, sigma = det_stats.mean_cov()
                 print(f'{det.label}: {metrics.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma):g}')
                 if with_pr:
-                    fake = metrics.subsample(det_stats.feature_array(), pr_num, seed=seed)
-                    pr = metrics.precision_recall(metrics.subsample(ref_stats.features, pr_num), fake, device=device)
+                    pr = metrics.precision_recall(metrics.subsample(ref_stats.features, pr_num), det_stats.feature_array(), device=device)
                     print(f'Precision-{det.feature_label}: {pr["precision"]:g}')
                     print(f'Recall-{det.feature_label}: {pr["recall"]:g}')
     dist.barrier()
@@ -133,12 +132,12 @@ def ref(data_path, dest_path, batch, detector, metric_names, pr_num, workers):
         images = metrics.open_image_dataset(data_path)
         for det in detectors:
             det.feature_dim(images.image_shape)
-    stats = dataset_stats(images, detectors, batch, workers, keep_features=with_pr)
+    stats = dataset_stats(images, detectors, batch, workers, keep_num=(pr_num if with_pr else None))
     if dist.get_rank() == 0:
         entries = dict()
         for det, det_stats in zip(detectors, stats):
             mu, sigma = det_stats.mean_cov()
-            entries[det.name] = dict(mu=mu, sigma=sigma, features=(metrics.subsample(det_stats.feature_array(), pr_num) if with_pr else None))
+            entries[det.name] = dict(mu=mu, sigma=sigma, features=(det_stats.feature_array() if with_pr else None))
         if kind == 'npz':
             metrics.save_ref_stats(dest_path, mu, sigma, detector=detectors[0].name)
         else:

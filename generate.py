@@ -91,7 +91,7 @@ def save_png(image, path):
 @click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT',                      type=click.IntRange(min=0))
 @click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',                      type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--grid',                    help='Also save all images as one grid PNG', metavar='PNG',                 type=str)
-@click.option('--save_latents',            help='Also save a latent snapshot\'s raw latents as .npy', metavar='BOOL',    type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
+@click.option('--save_latents',            help='Also save a latent snapshot\'s sampled latents (before decoding) as .npy', metavar='BOOL',    type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
 @click.option('--device',                  help='Device to run on', metavar='auto|cuda|cpu',                          type=click.Choice(['auto', 'cuda', 'cpu']), default='auto', show_default=True)
 
 @click.option('--sampler',                 help='auto = student if the snapshot is one, else heun', metavar='auto|heun|euler|student', type=click.Choice(['auto', 'heun', 'euler', 'student']), default='auto', show_default=True)

@@ -132,19 +132,23 @@ def check_writable(path, name):
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f'{name}={path} cannot be written: the folder "{folder}" is not writable; choose another path or fix its permissions.')
 
-def next_run_dir(outdir, desc):
-    """`outdir/<id>-<desc>` with the id one above the largest id that starts a name in outdir."""
+def next_run_id(outdir):
+    """One above the largest id that starts a name in outdir (0 for none)."""
     names = os.listdir(outdir) if os.path.isdir(outdir) else []
     ids = [int(m.group()) for m in (re.match(r'^\d+', name) for name in names) if m]
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+    return max(ids, default=-1) + 1
+
+def next_run_dir(outdir, desc):
+    """`outdir/<id>-<desc>` with the id of next_run_id()."""
+    return os.path.join(outdir, f'{next_run_id(outdir):05d}-{desc}')
 
 def claim_run_dir(outdir, desc):
-    """Create the next run directory of outdir (see next_run_dir) and return its path. The
+    """Create the next run directory of outdir (see next_run_id) and return its path. The
     id itself is claimed by exclusive creation of `outdir/.run-ids/<id>` (the next id when
     it exists), so that runs started together get distinct ids whatever their `desc`."""
     claims = os.path.join(outdir, '.run-ids')
     os.makedirs(claims, exist_ok=True)
-    run_id = int(os.path.basename(next_run_dir(outdir, desc))[:5])
+    run_id = next_run_id(outdir)
     while True:
         try:
             os.close(os.open(os.path.join(claims, f'{run_id:05d}'), os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -209,8 +209,6 @@ def test_bad_max_size(tmp_path):
         ImageFolderDataset(path=path, max_size=0)
 
 #----------------------------------------------------------------------------
-
-#----------------------------------------------------------------------------
 # EDM2's latent datasets: one float32 .npy [C, H, W] per image.
 
 def write_latent_zip(path, latents, labels=None, extra=()):
@@ -246,3 +244,10 @@ def test_latent_dataset_mistakes(tmp_path):
     PIL.Image.fromarray(np.zeros([2, 2], np.uint8)).save(png, format='png')
     with pytest.raises(ValueError, match=r"holds both images \('x.png'\) and latents \('00000/img-mean-std-00000000.npy'\); keep one kind per dataset"):
         ImageFolderDataset(path=write_latent_zip(tmp_path / 'both.zip', latents[:1], extra=[('x.png', png.getvalue())]))
+    both = write_latent_zip(tmp_path / 'both.zip', latents[:1], extra=[('x.png', png.getvalue())]) # As generate.py --save_latents writes.
+    assert ImageFolderDataset(path=both, kind='images')._image_fnames == ['x.png']
+    assert not ImageFolderDataset(path=both, kind='images').is_latent and ImageFolderDataset(path=both, kind='latents').is_latent
+    with pytest.raises(ValueError, match=r"holds no \.npy latents"):
+        ImageFolderDataset(path=write_latent_zip(tmp_path / 'png.zip', [], extra=[('x.png', png.getvalue())]), kind='latents')
+    with pytest.raises(ValueError, match=r"kind='pngs' is unknown"):
+        ImageFolderDataset(path=both, kind='pngs')

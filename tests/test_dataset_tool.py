@@ -333,6 +333,7 @@ def test_mnist_without_labels_or_with_bad_magic(tmp_path):
 def test_source_without_images(tmp_path):
     make_mnist(tmp_path / 'm', n=0)
     expect_error(r"Source '.*m' holds no images; pass an image folder", f'--source={tmp_path / "m"}', f'--dest={tmp_path / "out.zip"}')
+    expect_error(r"Source '.*m' holds no images; pass an image folder", 'encode', f'--source={tmp_path / "m"}', f'--dest={tmp_path / "out.zip"}', '--device=cpu')
     assert sorted(os.listdir(tmp_path)) == ['m']
 
 def test_dataset_json_missing_a_label(tmp_path):

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from _train_helpers import invoke
+from torch_utils import misc
 from training import compiling
-from training import loss_cd
 from training import networks
 from training import precision as precisions
 from training import steps
@@ -110,7 +110,9 @@ def test_ddp_wraps_the_compiled_network(monkeypatch, fresh_warning):
         net = torch.nn.Linear(3, 2)
         ddp = steps.distributed(compiling.compile_network(net), torch.device('cpu'))
         ddp(torch.randn(4, 3)).sum().backward()
-        assert net.weight.grad is not None and loss_cd._unwrap(ddp) is net # pylint: disable=protected-access
+        assert net.weight.grad is not None and misc.unwrap_module(ddp) is net
+        net.use_fp16 = True # A network with half precision of its own keeps autocast off behind DDP too.
+        assert precisions.autocast_dtype(ddp, 'fp16', 'cuda') is None and precisions.autocast_dtype(ddp, 'bf16', 'cuda') == torch.bfloat16
     finally:
         torch.distributed.destroy_process_group()
 
@@ -135,6 +137,19 @@ def test_loop_compiles_student_teacher_and_target_and_sets_teacher_precision(tmp
 
 #----------------------------------------------------------------------------
 # The optimizer step.
+
+def test_step_after_loading_the_state_of_an_unfused_optimizer():
+    net = torch.nn.Linear(3, 2)
+    unfused = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.randn(4, 3)).sum().backward()
+    unfused.step()
+    fused = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True) # Fused Adam runs on the CPU too.
+    fused.load_state_dict(unfused.state_dict()) # The groups now say fused=None, as in an older training state.
+    before = net.weight.detach().clone()
+    assert torch.isfinite(steps.optimizer_step(net, fused, 1e-3)) and not torch.equal(net.weight, before)
+    net.weight.grad.fill_(float('nan'))
+    before = net.weight.detach().clone()
+    assert not torch.isfinite(steps.optimizer_step(net, fused, 1e-3)) and torch.equal(net.weight, before)
 
 def test_fused_adam_on_cuda_only():
     params = [torch.nn.Parameter(torch.zeros(2))]

@@ -104,6 +104,16 @@ def test_feature_stats_match_numpy():
     with pytest.raises(ValueError, match='at least 2 images, not 1'):
         one.mean_cov()
 
+def test_kept_features_are_the_chosen_rows_in_row_order():
+    x = np.random.default_rng(4).standard_normal([20, 3]).astype(np.float32)
+    keep = metrics.subsample(np.arange(20), 6, seed=1)
+    stats = metrics.FeatureStats(keep_rows=keep)
+    for rows in [[1, 3, 5, 7, 9, 11, 13, 15, 17, 19], [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]]: # Two ranks' interleaved rows, one after the other.
+        stats.append(x[rows], rows)
+    np.testing.assert_array_equal(stats.all_reduce().feature_array(), x[keep])
+    np.testing.assert_array_equal(keep, np.sort(keep))
+    assert stats.num == 20 and metrics.FeatureStats().feature_array().shape == (0, 0)
+
 def test_compute_feature_stats_of_tensors_and_batches():
     rng = np.random.default_rng(4)
     images = rng.integers(0, 256, [23, 3, 4, 4], dtype=np.uint8)

@@ -173,6 +173,16 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
 #----------------------------------------------------------------------------
 # DDP helpers.
 
+def unwrap_module(module):
+    """The network inside DistributedDataParallel and compiled wrappers (`_orig_mod`), or the module itself."""
+    while True:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, '_orig_mod', None), torch.nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
 @contextlib.contextmanager
 def ddp_sync(module, sync):
     """Inside the block, a DDP module synchronises gradients only when `sync`."""

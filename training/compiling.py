@@ -9,7 +9,7 @@ Random operations (dropout) use eager PyTorch's generator
 the same masks as an eager one and the target's replay of the student's
 dropout masks (cd-spec section 6) holds. The wrapper keeps the network as
 `_orig_mod`, like torch's own compiled modules, so that code looking for the
-network inside (loss_cd._unwrap) finds it; snapshots and training states
+network inside (torch_utils.misc.unwrap_module) finds it; snapshots and training states
 save the network itself, never the wrapper."""
 
 import importlib

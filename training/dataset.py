@@ -145,10 +145,13 @@ class Dataset(torch.utils.data.Dataset):
 
 class ImageFolderDataset(Dataset):
     def __init__(self,
-        path,                   # Folder or .zip of PNG/JPEG images.
+        path,                   # Folder or .zip of PNG/JPEG images or of .npy latents.
         resolution  = None,     # Required image height and width, None = accept any.
+        kind        = None,     # Read 'images' or 'latents' only; None = the one kind the dataset holds.
         **super_kwargs,         # Arguments of the Dataset base class.
     ):
+        if kind not in (None, 'images', 'latents'):
+            raise ValueError(f'kind={kind!r} is unknown; use "images", "latents" or None.')
         self._path = str(path)
         self._zipfile = None
         self._zipfile_pid = None
@@ -166,14 +169,15 @@ class ImageFolderDataset(Dataset):
         else:
             raise ValueError(f'Dataset path {self._path!r} does not exist; pass a folder or .zip made by dataset_tool.py.')
 
-        self._image_fnames = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
-        latents = sorted(n for n in names if os.path.splitext(n)[1].lower() == LATENT_EXTENSION)
-        if latents and self._image_fnames:
-            raise ValueError(f'Dataset path {self._path!r} holds both images ({self._image_fnames[0]!r}) and latents ({latents[0]!r}); keep one kind per dataset.')
-        self._image_fnames = self._image_fnames or latents
+        images = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS) if kind != 'latents' else []
+        latents = sorted(n for n in names if os.path.splitext(n)[1].lower() == LATENT_EXTENSION) if kind != 'images' else []
+        if latents and images:
+            raise ValueError(f'Dataset path {self._path!r} holds both images ({images[0]!r}) and latents ({latents[0]!r}); keep one kind per dataset.')
+        self._image_fnames = images or latents
         self._has_json = 'dataset.json' in names
         if len(self._image_fnames) == 0:
-            raise ValueError(f'Dataset path {self._path!r} holds no PNG or JPEG images; pass a folder or .zip made by dataset_tool.py.')
+            what = '.npy latents' if kind == 'latents' else 'PNG or JPEG images'
+            raise ValueError(f'Dataset path {self._path!r} holds no {what}; pass a folder or .zip made by dataset_tool.py.')
 
         first = self._load_raw_image(0)
         if resolution is not None and first.shape[1:] != (resolution, resolution):

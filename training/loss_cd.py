@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
 from training import consistency_ops as ops
@@ -134,16 +135,6 @@ def distance(diff, mode='pseudo_huber', huber_c=None):
     else:
         raise ValueError(f'loss="{mode}" is unknown; use one of {", ".join(LOSSES)}.')
     return elems, elems.flatten(1).sum(dim=1)
-
-def _unwrap(net):
-    """The network inside DistributedDataParallel and compiled wrappers (`_orig_mod`), or the network itself."""
-    while True:
-        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-            net = net.module
-        elif isinstance(getattr(net, '_orig_mod', None), torch.nn.Module):
-            net = net._orig_mod
-        else:
-            return net
 
 def _get_rng_state(device):
     if device.type == 'cuda':
@@ -303,7 +294,7 @@ class ConsistencyDistillLoss:
         """Names of the parameters of the student that the loss never uses, which the training loop leaves
         untrained: the distillation evaluates D alone, so EDM2's uncertainty head (`logvar_*`) stays as it
         starts, and so does the augmentation-label layer (`map_augment`) of a run without augmentation."""
-        return [name for name, _param in _unwrap(net).named_parameters()
+        return [name for name, _param in misc.unwrap_module(net).named_parameters()
             if name.startswith('logvar_') or (augment_pipe is None and 'map_augment' in name.split('.'))]
 
     def set_compile(self, compile_fn):
@@ -351,7 +342,7 @@ class ConsistencyDistillLoss:
         with `finite` (a device tensor) false, the target stays where it is."""
         if self.target_mode != 'ema':
             return
-        student = _unwrap(net)
+        student = misc.unwrap_module(net)
         if self._target is None:
             self._target = self._new_target(student)
             return
@@ -418,7 +409,7 @@ class ConsistencyDistillLoss:
         only the general rows are used), and rng_state (where the student's pass
         must start; None = wherever the generator is).
         """
-        student = _unwrap(net)
+        student = misc.unwrap_module(net)
         self._check(student, images)
         dtype = self.dtype
         device = images.device

@@ -220,15 +220,17 @@ def _load_network(name, cache_dir, num_attempts, verbose, option):
 # Feature statistics.
 
 class FeatureStats:
-    """Count, sum and sum of outer products of features, in float64; with
-    keep_features, also the features themselves (float32, for precision and recall)."""
+    """Count, sum and sum of outer products of features, in float64; with keep_rows,
+    also the features of those rows (float32, for precision and recall)."""
 
-    def __init__(self, device='cpu', keep_features=False):
+    def __init__(self, device='cpu', keep_rows=None):
         self.device = torch.device(device)
         self.num = 0            # Number of feature vectors.
         self.sum = None         # Sum of x, [D].
         self.sum_outer = None   # Sum of x x^T, [D, D].
-        self.features = [] if keep_features else None # float32 CPU tensors [n, D].
+        self.keep_rows = None if keep_rows is None else np.asarray(keep_rows) # Dataset rows whose features are kept, None = none.
+        self.features = []      # Kept features: float32 CPU tensors [n, D] ...
+        self.rows = []          # ... and their dataset rows [n].
 
     @property
     def dim(self):
@@ -238,8 +240,8 @@ class FeatureStats:
         self.sum = torch.zeros([dim], dtype=torch.float64, device=self.device)
         self.sum_outer = torch.zeros([dim, dim], dtype=torch.float64, device=self.device)
 
-    def append(self, features):
-        """Add features [N, D]."""
+    def append(self, features, rows=None):
+        """Add features [N, D] of the dataset rows `rows` [N] (needed with keep_rows)."""
         x = torch.as_tensor(features).to(self.device, torch.float64)
         if x.ndim != 2:
             raise ValueError(f'Features must be [N, D], not of shape {list(x.shape)}.')
@@ -250,8 +252,10 @@ class FeatureStats:
         self.num += x.shape[0]
         self.sum += x.sum(0)
         self.sum_outer += x.T @ x
-        if self.features is not None:
-            self.features.append(x.to(torch.float32).cpu())
+        if self.keep_rows is not None:
+            kept = np.isin(np.asarray(rows), self.keep_rows)
+            self.features.append(x[torch.as_tensor(kept, device=x.device)].to(torch.float32).cpu())
+            self.rows.append(np.asarray(rows)[kept])
 
     def all_reduce(self):
         """Sum the statistics of all ranks, in place (no-op in a single process)."""
@@ -269,13 +273,16 @@ class FeatureStats:
         if self.sum is not None:
             torch.distributed.all_reduce(self.sum)
             torch.distributed.all_reduce(self.sum_outer)
-        if self.features is not None:
+        if self.keep_rows is not None:
             self.features = [x for rank in dist.gather_objects(self.features) for x in rank]
+            self.rows = [r for rank in dist.gather_objects(self.rows) for r in rank]
         return self
 
     def feature_array(self):
-        """The kept features [N, D] as a float32 numpy array."""
-        return torch.cat(self.features).numpy() if self.features else np.zeros([0, self.dim or 0], dtype=np.float32)
+        """The kept features [N, D] as a float32 numpy array, in the order of their rows."""
+        if not self.features:
+            return np.zeros([0, self.dim or 0], dtype=np.float32)
+        return torch.cat(self.features).numpy()[np.argsort(np.concatenate(self.rows), kind='stable')]
 
     def mean_cov(self):
         """Mean [D] and unbiased covariance [D, D] as float64 numpy arrays."""
@@ -304,17 +311,20 @@ def compute_feature_stats(
     all_reduce  = True,     # Sum over ranks? Every rank must then call this.
     progress    = False,    # Show a progress bar?
     total       = None,     # Number of batches, for the progress bar.
-    keep_features = False,  # Keep the features too (precision and recall)?
+    keep_rows   = None,     # Keep the features of these dataset rows too (precision and recall), None = none ...
+    batch_rows  = None,     # ... given the dataset rows of every batch.
 ):
     """FeatureStats of in-memory images; with all_reduce, of the images of all ranks together.
     For a list of detectors, a list of FeatureStats from one pass over the images."""
     detectors = list(detector) if isinstance(detector, (list, tuple)) else [detector]
-    stats = [FeatureStats(device=det.device, keep_features=keep_features) for det in detectors]
+    stats = [FeatureStats(device=det.device, keep_rows=keep_rows) for det in detectors]
     batches = _as_uint8_batches(images, batch_size)
+    rows = iter(batch_rows) if batch_rows is not None else None
     for batch in tqdm.tqdm(batches, total=total, unit='batch', disable=(not progress)):
+        rows_of_batch = next(rows) if rows is not None else None
         if batch.shape[0] > 0:
             for det, det_stats in zip(detectors, stats):
-                det_stats.append(det(batch))
+                det_stats.append(det(batch), rows_of_batch)
     if all_reduce:
         for det_stats in stats:
             det_stats.all_reduce()
@@ -324,10 +334,11 @@ def open_image_dataset(
     path,                   # Folder or zip of images.
     num         = None,     # Use this many images, None = all.
     seed        = 0,        # Seed of the random subset when there are more than num.
+    kind        = 'images', # The files read (ImageFolderDataset): images only, as generate.py --save_latents writes latents beside them.
 ):
     """An ImageFolderDataset of exactly `num` images (all if None), EDM's rule for FID; every
     image's header is checked first, so that a broken file stops the run before any work."""
-    images = dataset.ImageFolderDataset(path=path, max_size=num, random_seed=seed)
+    images = dataset.ImageFolderDataset(path=path, kind=kind, max_size=num, random_seed=seed)
     images.check_headers()
     if num is not None and len(images) < num:
         raise ValueError(f'"{path}" holds {len(images)} images, fewer than the {num} asked for; ask for at most {len(images)} or add images.')
@@ -341,13 +352,15 @@ def compute_dataset_stats(
     batch_size  = 64,       # Images per detector call on each rank.
     num_workers = 2,        # Data loader processes per rank.
     progress    = False,    # Show a progress bar?
-    keep_features = False,  # Keep the features too (precision and recall)?
+    keep_num    = None,     # Also keep the features of this many images (precision and recall), None = none ...
+    keep_seed   = 0,        # ... a choice seeded with this, the same for any number of ranks.
 ):
     """FeatureStats of a dataset (a list of them for a list of detectors), each rank reading every world_size-th image."""
     indices = np.arange(dist.get_rank(), len(images), dist.get_world_size())
     batches = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=num_workers)
-    return compute_feature_stats(loader, detector, all_reduce=True, progress=progress, total=len(batches), keep_features=keep_features)
+    keep_rows = None if keep_num is None else subsample(np.arange(len(images)), keep_num, seed=keep_seed)
+    return compute_feature_stats(loader, detector, all_reduce=True, progress=progress, total=len(batches), keep_rows=keep_rows, batch_rows=batches)
 
 #----------------------------------------------------------------------------
 # Reference statistics: EDM's .npz (mu, sigma and here the detector's name) or
@@ -441,7 +454,7 @@ def ref_format(path, detectors, with_pr):
     return 'npz'
 
 def subsample(features, num, seed=0):
-    """At most `num` rows of features [N, D], a seeded random choice, in their order."""
+    """At most `num` rows of features [N, ...], a seeded random choice, in their order."""
     if features.shape[0] <= num:
         return features
     return features[np.sort(np.random.RandomState(seed).choice(features.shape[0], size=num, replace=False))]

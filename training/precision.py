@@ -14,6 +14,8 @@ import contextlib
 
 import torch
 
+from torch_utils import misc
+
 #----------------------------------------------------------------------------
 
 PRECISIONS = ('fp32', 'fp16', 'bf16')
@@ -47,8 +49,8 @@ def configure(net, precision):
 def autocast_dtype(net, precision, device):
     """The dtype that autocast runs `net` in at `precision` on `device`, None = autocast off:
     bfloat16 for bf16 on CUDA, float16 for fp16 on CUDA where the network has no `use_fp16`
-    of its own."""
-    if torch.device(device).type != 'cuda' or precision == 'fp32' or (precision == 'fp16' and hasattr(net, 'use_fp16')):
+    of its own (looked for inside DistributedDataParallel and compiled wrappers)."""
+    if torch.device(device).type != 'cuda' or precision == 'fp32' or (precision == 'fp16' and hasattr(misc.unwrap_module(net), 'use_fp16')):
         return None
     return DTYPES[precision]
 

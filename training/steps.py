@@ -85,7 +85,7 @@ def optimizer_step(net, optimizer, lr, loss_scaling=1):
     grad_norm = torch.zeros([])
     if len(grads) > 0:
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) / loss_scaling
-    if optimizer.defaults.get('fused', False):
+    if all(group.get('fused') for group in optimizer.param_groups): # As the optimizer decides, per group.
         optimizer.found_inf = (~torch.isfinite(grad_norm)).to(torch.float32) # Read by the fused kernel, which then leaves everything as it was.
         optimizer.step()
     elif torch.isfinite(grad_norm):

@@ -519,6 +519,8 @@ def training_loop(
         if pf_ema is not None:
             pf_ema.load_state_dict(state['phema'])
         optimizer.load_state_dict(state['optimizer_state'])
+        for group in optimizer.param_groups: # Fused or not is this run's choice (the device's), not part of the state.
+            group['fused'] = optimizer.defaults.get('fused')
         if state.get('loss_state') is not None and hasattr(loss_fn, 'load_state_dict'):
             loss_fn.load_state_dict(state['loss_state'])
         same_layout = (state['world_size'] == world_size and state['batch_gpu'] == batch_gpu and state['seed'] == seed)
@@ -624,7 +626,7 @@ def training_loop(
         # Divergence: more than max_bad_steps consecutive skipped steps in this tick.
         if int(worst_bad_steps) > max_bad_steps:
             raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {int(worst_bad_steps)} consecutive steps had a non-finite '
-                f'loss or gradient (gradient norm {float(grad_norm)}) and were skipped; {divergence_fix}.')
+                f'loss or gradient and were skipped; {divergence_fix}.')
         worst_bad_steps = bad_steps
 
         # Progress line; the same figures go to the statistics.

@@ -179,7 +179,7 @@ def _load_ref(path, det, dim):
     return ref
 
 def _open_ref_data(ref_data, image_shape):
-    images = metrics.open_image_dataset(ref_data)
+    images = metrics.open_image_dataset(ref_data, kind=None) # Either kind: latents get the message below.
     if getattr(images, 'is_latent', False):
         raise ValueError(f'Validation dataset ref_data="{ref_data}" holds latents, not images; pass ref (--val_ref, e.g. EDM2\'s img512.pkl) or ref_data with the images they encode.')
     if list(images.image_shape) != list(image_shape):
