@@ -22,8 +22,15 @@ import make_reference # pylint: disable=wrong-import-position
 REFERENCE = torch.load(os.path.join(REFERENCE_DIR, 'reference.pt'), weights_only=False)
 RTOL = 2e-5 # Float32 rounding, amplified by the inverse DDIM's gain (at most about 10 here).
 
+@pytest.fixture
+def fresh_stats(monkeypatch):
+    """Process-wide statistics of this test only: what earlier tests reported (huge values among them)
+    would otherwise sit in the cumulative moments that the collector takes differences of."""
+    monkeypatch.setattr(training_stats, '_counters', dict())
+    monkeypatch.setattr(training_stats, '_cumulative', dict())
+
 @pytest.mark.parametrize('name', sorted(REFERENCE))
-def test_step_reproduces_the_implementation_before_the_rewrite(name, one_thread):
+def test_step_reproduces_the_implementation_before_the_rewrite(name, one_thread, fresh_stats):
     ref = REFERENCE[name]
     ours = make_reference.run_case(ref['label_dim'], ref['loss_kwargs'], train=ref['train'])
     for key in ('k', 'case', 'seg'):
