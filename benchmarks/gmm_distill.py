@@ -180,7 +180,7 @@ class OracleTargetLoss(ConsistencyDistillLoss):
         for i in range(self.oracle_substeps):
             x = ops.heun_hop(denoise, x, sigma_t * (end / sigma_t) ** (i / self.oracle_substeps),
                 sigma_t * (end / sigma_t) ** ((i + 1) / self.oracle_substeps), dtype=torch.float64)
-        x = torch.where(ops.expand_sigma(d.sigma_ref > 0, x).to(torch.bool), x, denoise(x, end, None).to(torch.float64))
+        x = torch.where(ops.expand_sigma(d.sigma_ref > 0, x).to(torch.bool), x, denoise(x, end).to(torch.float64))
         x_ref = torch.where(ops.expand_sigma(d.case == ops.TERMINAL, x).to(torch.bool), d.y.to(torch.float64), x)
         d.target, d.gain = ops.inverse_ddim(x_ref, d.x_t, d.sigma_t, d.sigma_ref, dtype=self.dtype)
         d.x_ref = x_ref.to(self.dtype)
@@ -204,7 +204,7 @@ def exact_states(mixture, latents, sigmas, substeps):
     segment ending at 1e-4 and the Euler step to 0 (as the reference), float64."""
     sigmas = [float(v) for v in sigmas]
     states = [latents.to(torch.float64) * sigmas[0]]
-    denoise = lambda x, sigma, _rows: mixture(x, sigma)
+    denoise = lambda x, sigma: mixture(x, sigma)
     for a, b in zip(sigmas[:-1], sigmas[1:]):
         grid = samplers.karras_sigmas(substeps, sigma_min=max(b, 1e-4), sigma_max=a).tolist() + ([0.0] if b == 0 else [])
         x = states[-1]

@@ -25,7 +25,7 @@ def gauss_flow(x, sigma_a, sigma_b):
     return flow(x, MU, STD, sigma_a, sigma_b)
 
 def gauss_denoiser(calls=None):
-    def denoise(x, sigma, rows):
+    def denoise(x, sigma):
         if calls is not None:
             calls.append(torch.as_tensor(sigma).clone())
         return gauss_D(x, sigma)
@@ -102,7 +102,7 @@ def test_ddim_and_inverse_ddim():
 
 class _Bf16Net:
     """A network whose output is bfloat16 under autocast, and the same bfloat16-rounded values (as float32) without."""
-    def __call__(self, x, sigma, rows):
+    def __call__(self, x, sigma):
         with torch.autocast('cpu', enabled=False):
             out = gauss_D(x.to(torch.float32), sigma.to(torch.float32)).to(torch.bfloat16)
         return out if torch.is_autocast_enabled('cpu') else out.to(torch.float32)

@@ -78,9 +78,9 @@ def inverse_ddim(x_ref, x_t, sigma_t, sigma_ref, dtype=torch.float32):
 def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
     """The teacher's deterministic Heun hop sigma_a -> sigma_b, per sample.
 
-    `denoise(x, sigma, rows)` evaluates the teacher on x [n, ...] at the noise
-    levels sigma [n] (`rows` is always None here: every call covers the whole
-    batch, so that the shapes are fixed). Samples with sigma_b = 0 take the
+    `denoise(x, sigma)` evaluates the teacher on x [n, ...] at the noise
+    levels sigma [n]; every call covers the whole batch, so that the shapes
+    are fixed. Samples with sigma_b = 0 take the
     Euler step x_b = D(x_a; sigma_a): the second evaluation sees them at
     (x_a, sigma_a) and its result is discarded, so the teacher is never
     evaluated at sigma = 0. All arithmetic is in `dtype`.
@@ -90,29 +90,21 @@ def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
     sigma_b = torch.as_tensor(sigma_b, dtype=dtype, device=x_a.device).expand(x_a.shape[0])
     sa = expand_sigma(sigma_a, x_a)
     sb = expand_sigma(sigma_b, x_a)
-    k1 = (x_a - denoise(x_a, sigma_a, None).to(dtype)) / sa
+    k1 = (x_a - denoise(x_a, sigma_a).to(dtype)) / sa
     x_e = x_a + (sb - sa) * k1
     positive = sb > 0
     sigma_2 = torch.where(sigma_b > 0, sigma_b, sigma_a)
     x_2 = torch.where(positive, x_e, x_a)
-    k2 = (x_2 - denoise(x_2, sigma_2, None).to(dtype)) / expand_sigma(sigma_2, x_a)
+    k2 = (x_2 - denoise(x_2, sigma_2).to(dtype)) / expand_sigma(sigma_2, x_a)
     return torch.where(positive, x_a + (sb - sa) * ((k1 + k2) / 2), x_e) # For sigma_b = 0 the Euler step lands on D(x_a; sigma_a).
 
-def select_rows(cond, rows):
-    """Rows of per-sample conditioning (class or augmentation labels). None, scalars and tensors
-    with a leading dimension of 1 (broadcast over the batch) are returned unchanged, as for rows=None."""
-    if cond is None or rows is None or cond.ndim == 0 or cond.shape[0] == 1:
-        return cond
-    return cond[rows]
-
 def make_denoiser(net, labels=None, augment_labels=None):
-    """Wrap an EDM-style network as the `denoise(x, sigma, rows)` callable of `heun_hop`;
-    labels and augmentation labels follow the rows."""
-    def denoise(x, sigma, rows):
-        aug = select_rows(augment_labels, rows)
-        if aug is None:
-            return net(x, sigma, select_rows(labels, rows))
-        return net(x, sigma, select_rows(labels, rows), augment_labels=aug)
+    """Wrap an EDM-style network as the `denoise(x, sigma)` callable of `heun_hop`, for a whole batch
+    with its labels and augmentation labels."""
+    def denoise(x, sigma):
+        if augment_labels is None:
+            return net(x, sigma, labels)
+        return net(x, sigma, labels, augment_labels=augment_labels)
     return denoise
 
 #----------------------------------------------------------------------------

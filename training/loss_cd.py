@@ -446,7 +446,7 @@ class ConsistencyDistillLoss:
         s_in = torch.where(general, sigma_s, sigma_t)
         replay = self.target_mode != 'teacher' and self.sync_dropout and student.training
         rng_state = _get_rng_state(device) if replay else None
-        target_out = ops.make_denoiser(target_net, labels, augment_labels)(x_in, s_in, None).to(dtype)
+        target_out = ops.make_denoiser(target_net, labels, augment_labels)(x_in, s_in).to(dtype)
         if replay:
             _set_rng_state(device, rng_state)
         r_in = torch.where(general, sigma_ref, 0)
@@ -466,7 +466,7 @@ class ConsistencyDistillLoss:
         d = self.draw(net, images, labels, augment_pipe)
         dtype = self.dtype
         denoise = ops.make_denoiser(net, labels, d.augment_labels)
-        x_hat = denoise(d.x_t, d.sigma_t, None).to(dtype)
+        x_hat = denoise(d.x_t, d.sigma_t).to(dtype)
         elems, per_sample = distance(x_hat - d.target, self.loss, self.huber_c)
         weight = loss_weight(d.sigma_t, self.weight_mode, self.sigma_data)
         loss = elems * ops.expand_sigma(weight, elems)
