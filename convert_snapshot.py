@@ -1,70 +1,58 @@
-"""Convert a network snapshot pickle (one written by train.py, or an official
-EDM or EDM2 file) into the code-free safetensors form that
-training/checkpoint.py reads without unpickling anything.
-
-Reading the pickle runs the code it carries, once, on the user's say-so; the
-safetensors file it writes holds only tensors and a JSON header, and loads
-by constructing this repository's own classes."""
+"""Convert a network snapshot pickle (of train.py, EDM or EDM2) into the code-free safetensors form that
+training/checkpoint.py loads with this repository's own classes, without unpickling anything."""
 
 import os
 
 import click
 import torch
 
+import dnnlib
 from training import checkpoint
 
 #----------------------------------------------------------------------------
 
 def check_same(data, dest):
-    """Read `dest` back and check it against the pickle's snapshot: every network with
-    the same tensors, bit for bit, in the same dtypes. Returns the rebuilt snapshot."""
+    """The snapshot read back from `dest`; a ValueError unless its networks equal the pickle's bit for bit."""
     again = checkpoint.load_safetensors(dest)
     for key, value in data.items():
-        if not isinstance(value, torch.nn.Module):
-            continue
-        theirs, ours = value.state_dict(), again[key].state_dict()
-        same = theirs.keys() == ours.keys() and all(theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k].cpu(), ours[k]) for k in theirs)
-        if not same:
-            raise ValueError(f'"{dest}" does not rebuild the network "{key}" of the pickle exactly; convert a snapshot of this repository\'s networks.')
+        if isinstance(value, torch.nn.Module):
+            theirs, ours = value.state_dict(), again[key].state_dict()
+            same = (theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k].cpu(), ours[k]) for k in theirs)
+            if theirs.keys() != ours.keys() or not all(same):
+                raise ValueError(f'"{dest}" does not rebuild the network "{key}" of the pickle exactly; '
+                    'convert a snapshot of this repository\'s networks.')
     return again
 
 #----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--src',  help='Snapshot pickle to convert (unpickled once: it runs its code)', metavar='PKL|URL', type=str, required=True)
-@click.option('--dest', help='Safetensors file to write', metavar='X.safetensors',                             type=str, required=True)
-
+@click.option('--src', help='Snapshot pickle to convert (unpickled once: it runs its code)', metavar='PKL|URL',
+    required=True)
+@click.option('--dest', help='Safetensors file to write', metavar='X.safetensors', required=True)
 def main(src, dest):
     """Convert a network snapshot pickle into a code-free .safetensors snapshot.
 
-    The pickle is unpickled once, which runs the code it carries: convert only
-    files you trust. The result loads with generate.py --network, train.py
-    --teacher and --transfer without running any code of the file.
-
-    Examples:
+    The pickle is unpickled once, which runs the code it carries: convert only files you trust.
 
     \b
     python convert_snapshot.py --src=training-runs/00000-.../network-snapshot-000050.pkl --dest=teacher.safetensors
-    python convert_snapshot.py --src=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl \\
-        --dest=edm-cifar10-32x32-uncond-vp.safetensors
     """
     if not dest.lower().endswith('.safetensors'):
-        raise click.ClickException(f'--dest={dest} does not end in .safetensors; name the file to write X.safetensors.')
+        raise click.ClickException(f'--dest={dest} does not end in .safetensors; name the file X.safetensors.')
     if checkpoint.is_safetensors(src):
         raise click.ClickException(f'--src={src} is already a safetensors snapshot; pass a snapshot pickle.')
     print(f'Unpickling "{src}" runs the code it carries, on the user\'s say-so; convert only files you trust.')
-    try:
+    with dnnlib.util.user_errors():
         data = checkpoint.load_snapshot(src)
         checkpoint.save_safetensors(dest, data)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
-    try:
-        again = check_same(data, dest)
-    except ValueError as err:
-        os.remove(dest)
-        raise click.ClickException(str(err)) from err
+        try:
+            again = check_same(data, dest)
+        except ValueError:
+            os.remove(dest)
+            raise
     dropped = [key for key, value in data.items() if value is not None and again[key] is None]
-    print(f'Wrote "{dest}" with the entries {", ".join(again)}' + (f' ({", ".join(dropped)} left out: not a class of training/).' if dropped else '.'))
+    left_out = f' ({", ".join(dropped)} left out: not a class of training/)' if dropped else ''
+    print(f'Wrote "{dest}" with the entries {", ".join(again)}{left_out}.')
 
 #----------------------------------------------------------------------------
 

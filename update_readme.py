@@ -1,30 +1,30 @@
-"""Regenerate the option tables of README.md from the scripts' click
-definitions, so that the tables cannot drift from what the scripts accept.
+"""Regenerate the option tables of README.md and docs/*.md from the scripts' click definitions: each table
+sits between `<!-- options: SCRIPT [SUBCOMMAND] -->` and `<!-- /options -->`; --check only reports stale ones."""
 
-A table sits between `<!-- options: SCRIPT [SUBCOMMAND] -->` and
-`<!-- /options -->`; `python update_readme.py` rewrites every such block and
-`python update_readme.py --check` only reports whether one is out of date.
-"""
-
+import glob
 import importlib
 import os
 import re
-import sys
 
 import click
 
+import dnnlib
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(ROOT, 'README.md')
 BLOCK_RE = re.compile(r'(<!-- options: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /options -->)', re.DOTALL)
+DEFAULT_RE = re.compile(r'\s*\[default: ([^\]]*)\]') # An explicit default in an option's help.
 
 #----------------------------------------------------------------------------
 
+def doc_files():
+    """README.md and the pages of docs/."""
+    return [os.path.join(ROOT, 'README.md'), *sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))]
+
 def load_command(spec):
     """The click command named by 'train.py' or 'fid.py calc'."""
-    parts = spec.split()
-    module = importlib.import_module(os.path.splitext(parts[0])[0])
-    command = module.main
-    for sub in parts[1:]:
+    script, *subs = spec.split()
+    command = importlib.import_module(os.path.splitext(script)[0]).main
+    for sub in subs:
         command = command.commands[sub]
     return command
 
@@ -35,37 +35,31 @@ def _value(param):
         return '\\|'.join(str(c) for c in param.type.choices)
     return (param.metavar or param.type.name.upper()).replace('|', '\\|')
 
-def _has_default(param):
-    return param.default is not None and 'UNSET' not in repr(param.default)
-
 def _default(param):
-    match = re.search(r'\s*\[default: ([^\]]*)\]', param.help or '')
+    match = DEFAULT_RE.search(param.help or '')
     if match:
         return match.group(1)
     if param.is_flag and param.secondary_opts:
         return param.opts[0] if param.default else param.secondary_opts[0]
     if param.required:
         return '(required)'
-    if param.is_flag or not _has_default(param):
+    if param.is_flag or param.default is None or 'UNSET' in repr(param.default):
         return ''
-    if isinstance(param.default, (list, tuple)):
-        return ','.join(str(v) for v in param.default)
-    return str(param.default)
+    return ','.join(map(str, param.default)) if isinstance(param.default, (list, tuple)) else str(param.default)
 
 def options_table(spec):
     """A Markdown table of the options of a command: option, value, default, meaning."""
     rows = ['| option | value | default | meaning |', '|---|---|---|---|']
     for param in load_command(spec).params:
-        if not isinstance(param, click.Option) or param.hidden:
-            continue
-        names = ', '.join(f'`{name}`' for name in param.opts + param.secondary_opts)
-        meaning = re.sub(r'\s*\[default: [^\]]*\]', '', param.help or '').replace('|', '\\|')
-        default = _default(param)
-        rows.append(f'| {names} | {_value(param)} | {f"`{default}`" if default else ""} | {meaning} |')
+        if isinstance(param, click.Option) and not param.hidden:
+            names = ', '.join(f'`{name}`' for name in param.opts + param.secondary_opts)
+            meaning = DEFAULT_RE.sub('', param.help or '').replace('|', '\\|')
+            default = f'`{_default(param)}`' if _default(param) else ''
+            rows.append(f'| {names} | {_value(param)} | {default} | {meaning} |')
     return '\n'.join(rows) + '\n'
 
 def render(text):
-    """README text with every options block regenerated."""
+    """The text with every options block regenerated."""
     return BLOCK_RE.sub(lambda m: m.group(1) + options_table(m.group('spec')) + m.group(4), text)
 
 #----------------------------------------------------------------------------
@@ -73,22 +67,19 @@ def render(text):
 @click.command()
 @click.option('--check', help='Only report whether the tables are up to date', is_flag=True)
 def main(check):
-    """Regenerate the option tables of README.md from the scripts' click definitions."""
-    sys.path.insert(0, ROOT)
-    with open(README, encoding='utf-8') as f:
-        text = f.read()
-    new_text = render(text)
-    if check:
+    """Regenerate the option tables of README.md and docs/*.md."""
+    stale = []
+    for path in doc_files():
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        new_text = render(text)
         if new_text != text:
-            raise click.ClickException('The option tables of README.md are out of date; run "python update_readme.py".')
-        print('The option tables of README.md are up to date.')
-        return
-    if new_text != text:
-        temp = README + '.tmp'
-        with open(temp, 'w', encoding='utf-8') as f:
-            f.write(new_text)
-        os.replace(temp, README)
-    print(f'Wrote {len(BLOCK_RE.findall(new_text))} option tables into README.md.')
+            stale.append(os.path.relpath(path, ROOT))
+            if not check:
+                dnnlib.util.write_atomic(path, lambda f, t=new_text: f.write(t.encode('utf-8')))
+    if check and stale:
+        raise click.ClickException(f'Stale option tables in {", ".join(stale)}; run "python update_readme.py".')
+    print(f'Rewrote {", ".join(stale)}.' if stale and not check else 'The option tables are up to date.')
 
 #----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
-"""Dictionaries with attribute access, URL and file opening with a download
-cache (https, plain http on opt-in, checksummed entries), atomic file writes,
-construction of objects by class name, and log-file teeing."""
+"""EasyDict, files and URLs with a checksummed download cache, atomic writes, run directories, objects by class
+name, log-file teeing, and the scripts' helpers for user input."""
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -35,16 +35,14 @@ class Logger:
     """Copies everything written to stdout and stderr into a log file."""
 
     def __init__(self,
-        file_name       = None,     # Log file to append to, or None for no file.
-        file_mode       = 'a',      # Mode used to open the log file.
+        file_name       = None,     # Log file to append to, None = none.
+        file_mode       = 'a',      # Mode to open it with.
         should_flush    = True,     # Flush after every write?
     ):
         self.file = open(file_name, file_mode) if file_name is not None else None
         self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = self
-        sys.stderr = self
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self
 
     def __enter__(self):
         return self
@@ -82,12 +80,38 @@ class Logger:
             self.file = None
 
 #----------------------------------------------------------------------------
-# Files.
+# User input of the scripts.
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a ValueError of the library (one sentence) into a click error without traceback."""
+    import click # pylint: disable=import-outside-toplevel
+    try:
+        yield
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
+
+def parse_int_list(text):
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]: non-negative integers and inclusive ranges; a list or None passes through."""
+    if text is None or isinstance(text, list):
+        return text
+    text, values = str(text), []
+    for part in text.split(','):
+        where = f'"{part}" in "{text}"' if ',' in text else f'"{text}"'
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if m is None:
+            raise ValueError(f'{where} is neither a non-negative integer nor a range A-B; write e.g. 1,2,5-7.')
+        lo, hi = int(m.group(1)), int(m.group(m.lastindex))
+        if hi < lo:
+            raise ValueError(f'{where} is an empty range; write it as {hi}-{lo}.')
+        values += range(lo, hi + 1)
+    return values
+
+#----------------------------------------------------------------------------
+# Files and run directories.
 
 def write_atomic(path, write_fn):
-    """Write a binary file through `<path>.tmp-<pid>` in the same folder and
-    rename it into place, so that `path` is either absent, old or complete.
-    `write_fn(f)` writes the content into the open file `f`."""
+    """Write a binary file with `write_fn(f)` through `<path>.tmp-<pid>`, renamed into place when complete."""
     temp_path = f'{path}.tmp-{os.getpid()}'
     try:
         with open(temp_path, 'wb') as f:
@@ -101,28 +125,22 @@ def write_atomic(path, write_fn):
         raise
 
 def remove_stale_temp_files(folder):
-    """Remove the `*.tmp-<pid>` files of write_atomic() in `folder` whose process is gone
-    (a run that was killed while writing); returns their names."""
+    """Remove the `*.tmp-<pid>` files of write_atomic() in `folder` whose process is gone; returns their names."""
     removed = []
     for name in (os.listdir(folder) if os.path.isdir(folder) else []):
         match = re.fullmatch(r'.+\.tmp-(\d+)', name)
-        if match and int(match.group(1)) != os.getpid() and not _process_exists(int(match.group(1))):
-            os.remove(os.path.join(folder, name))
-            removed.append(name)
+        if match and int(match.group(1)) != os.getpid():
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except PermissionError: # Someone else's live process.
+                pass
     return removed
 
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError: # Someone else's process.
-        return True
-    return True
-
 def check_writable(path, name):
-    """Raise ValueError unless a file or folder can be created at `path` (the value of
-    option `name`): its nearest existing ancestor must be a writable folder."""
+    """Raise ValueError unless `path` (the value of option `name`) can be created in a writable folder."""
     ancestor = os.path.abspath(path)
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
@@ -130,7 +148,7 @@ def check_writable(path, name):
         raise ValueError(f'{name}={path} cannot be created: "{ancestor}" is a file, not a folder; choose another path.')
     folder = ancestor if os.path.isdir(ancestor) else os.path.dirname(ancestor)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f'{name}={path} cannot be written: the folder "{folder}" is not writable; choose another path or fix its permissions.')
+        raise ValueError(f'{name}={path} cannot be written: "{folder}" is not writable; choose another path.')
 
 def next_run_id(outdir):
     """One above the largest id that starts a name in outdir (0 for none)."""
@@ -143,9 +161,7 @@ def next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{next_run_id(outdir):05d}-{desc}')
 
 def claim_run_dir(outdir, desc):
-    """Create the next run directory of outdir (see next_run_id) and return its path. The
-    id itself is claimed by exclusive creation of `outdir/.run-ids/<id>` (the next id when
-    it exists), so that runs started together get distinct ids whatever their `desc`."""
+    """Create and return the next run directory; the id is claimed by exclusive creation of `outdir/.run-ids/<id>`."""
     claims = os.path.join(outdir, '.run-ids')
     os.makedirs(claims, exist_ok=True)
     run_id = next_run_id(outdir)
@@ -157,8 +173,6 @@ def claim_run_dir(outdir, desc):
             return path
         except FileExistsError:
             run_id += 1
-
-#----------------------------------------------------------------------------
 
 def format_time(seconds):
     """Human-readable duration, e.g. '45s', '3m 05s', '2h 10m 00s', '1d 02h 00m'."""
@@ -191,28 +205,22 @@ def get_module_from_obj_name(obj_name):
         except AttributeError:
             continue
         return module, rest
-    raise ValueError(f'Cannot find "{obj_name}": give a fully qualified name such as "training.networks.EDMPrecond".')
+    raise ValueError(f'Cannot find "{obj_name}"; give a fully qualified name such as "training.networks.EDMPrecond".')
 
 def get_obj_from_module(module, obj_name):
     """Follow a dotted attribute path inside a module."""
     obj = module
-    if obj_name != '':
-        for part in obj_name.split('.'):
-            obj = getattr(obj, part)
+    for part in obj_name.split('.') if obj_name else []:
+        obj = getattr(obj, part)
     return obj
 
 def get_obj_by_name(name):
-    """The Python object with the given fully qualified name."""
-    module, rest = get_module_from_obj_name(name)
-    return get_obj_from_module(module, rest)
+    return get_obj_from_module(*get_module_from_obj_name(name))
 
 def call_func_by_name(*args, func_name=None, **kwargs):
     """Look up a function or class by its fully qualified name and call it."""
-    if func_name is None:
-        raise ValueError('call_func_by_name() needs func_name: pass the fully qualified name of a function or class.')
     func = get_obj_by_name(func_name)
-    if not callable(func):
-        raise ValueError(f'"{func_name}" is not callable: name a function or a class.')
+    assert callable(func), func_name
     return func(*args, **kwargs)
 
 def construct_class_by_name(*args, class_name=None, **kwargs):
@@ -225,7 +233,6 @@ def construct_class_by_name(*args, class_name=None, **kwargs):
 _dnnlib_cache_dir = None
 
 def set_cache_dir(path):
-    """Override the download cache folder for this process."""
     global _dnnlib_cache_dir
     _dnnlib_cache_dir = path
 
@@ -240,7 +247,7 @@ def make_cache_dir_path(*paths):
     return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
 
 def is_url(obj, allow_file_urls=False):
-    """True for http(s):// URLs, and for file:// URLs when allowed (open_url refuses plain http unless opted in)."""
+    """True for http(s):// URLs, and for file:// URLs when allowed."""
     if not isinstance(obj, str) or '://' not in obj:
         return False
     if allow_file_urls and obj.startswith('file://'):
@@ -251,18 +258,7 @@ def is_url(obj, allow_file_urls=False):
         return False
     return res.scheme in ('http', 'https') and bool(res.netloc) and '.' in res.netloc
 
-def _file_url_to_path(url):
-    path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
-    if re.match(r'^/[A-Za-z]:/', path): # file:///C:/... on Windows.
-        path = path[1:]
-    return path
-
-def http_allowed(allow_http=False):
-    """True when plain http:// downloads are allowed: `allow_http`, or the environment variable DNNLIB_ALLOW_HTTP=1."""
-    return bool(allow_http) or os.environ.get('DNNLIB_ALLOW_HTTP', '') == '1'
-
 def sha256_of_file(path):
-    """The hex SHA-256 digest of a file's content."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -270,7 +266,6 @@ def sha256_of_file(path):
     return digest.hexdigest()
 
 def _cache_entry_is_valid(path):
-    """True when the cached download `path` has a sidecar `<path>.sha256` that matches its content."""
     try:
         with open(path + '.sha256', 'r', encoding='ascii') as f:
             expected = f.read().strip()
@@ -278,87 +273,64 @@ def _cache_entry_is_valid(path):
     except (OSError, UnicodeDecodeError):
         return False
 
-def _is_unreachable(err):
-    """True for a requests ConnectionError that failed to resolve the host or to connect to it, not a transfer that broke."""
+def _download(url, num_attempts, verbose):
+    """Fetch a URL into memory, retrying 5xx, 429 and broken transfers; no network or another 4xx fails at once."""
     import requests # pylint: disable=import-outside-toplevel
     import urllib3 # pylint: disable=import-outside-toplevel
-    reason = getattr(err.args[0], 'reason', None) if err.args else None
-    return isinstance(err, requests.exceptions.ConnectTimeout) or isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
-
-def _download(url, num_attempts, verbose):
-    """Fetch a URL into memory. Server errors (5xx, 429), read timeouts and
-    broken transfers are retried; a failure to connect or to resolve the host
-    (no network) and other client errors (4xx) fail at once."""
-    import requests # Imported here so that offline use never needs it.
+    fix = 'download it by other means and pass the local file path instead'
     last_error = None
     for attempt in range(num_attempts):
         try:
-            with requests.Session() as session:
-                with session.get(url, timeout=60) as res:
-                    res.raise_for_status()
-                    data = res.content
-                    if len(data) == 0:
-                        raise IOError('empty response')
-                    return data
-        except KeyboardInterrupt:
-            raise
+            with requests.Session() as session, session.get(url, timeout=60) as res:
+                res.raise_for_status()
+                if len(res.content) == 0:
+                    raise IOError('empty response')
+                return res.content
         except requests.exceptions.ConnectionError as err:
-            if _is_unreachable(err):
-                raise IOError(f'Could not download "{url}": no network ({err}); download it by other means and pass the local file path instead.') from err
+            reason = getattr(err.args[0], 'reason', None) if err.args else None # Failed to resolve or connect?
+            if isinstance(err, requests.exceptions.ConnectTimeout) or \
+                    isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
+                raise IOError(f'Could not download "{url}": no network ({err}); {fix}.') from err
             last_error = err
         except requests.exceptions.HTTPError as err:
             status = err.response.status_code if err.response is not None else 0
             if status < 500 and status != 429:
-                raise IOError(f'Could not download "{url}" ({err}); download it by other means and pass the local file path instead.') from err
+                raise IOError(f'Could not download "{url}" ({err}); {fix}.') from err
             last_error = err
         except Exception as err: # pylint: disable=broad-except
             last_error = err
         if verbose:
-            print(f'Downloading {url} failed (attempt {attempt + 1}/{num_attempts}): {last_error}', file=sys.stderr, flush=True)
+            print(f'Downloading {url} failed ({attempt + 1}/{num_attempts}): {last_error}', file=sys.stderr, flush=True)
         if attempt + 1 < num_attempts:
             time.sleep(min(2 ** attempt, 10))
-    raise IOError(f'Could not download "{url}" ({last_error}); download it by other means and pass the local file path instead.')
+    raise IOError(f'Could not download "{url}" ({last_error}); {fix}.')
 
-def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True, allow_http=False):
-    """Open a local path, a file:// URL or an https:// URL as a binary file
-    object; plain http:// only with `allow_http=True` or DNNLIB_ALLOW_HTTP=1.
-
-    Downloads are cached under `cache_dir` (default: $DNNLIB_CACHE_DIR or
-    ~/.cache/dnnlib/downloads), written to a temporary name first, so an
-    interrupted download never leaves a truncated cache entry, and followed
-    by a checksum `<file>.sha256`. A cached file is used only when its
-    checksum matches; otherwise it is downloaded again. With
-    `return_filename=True` the local file name is returned instead (this
-    needs `cache=True` for URLs).
-    """
-    if num_attempts < 1:
-        raise ValueError(f'num_attempts={num_attempts} is invalid: it must be at least 1.')
-    if return_filename and not cache:
-        raise ValueError('return_filename=True needs cache=True: a download must be stored to have a file name.')
-
-    # Local files.
-    if not is_url(url_or_path, allow_file_urls=True):
+def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True,
+    allow_http=False):
+    """Open a path, file:// or https:// URL (http:// only with allow_http or DNNLIB_ALLOW_HTTP=1) as a binary file;
+    downloads are cached atomically with a `.sha256` checksum and reused only when it matches."""
+    assert num_attempts >= 1 and (cache or not return_filename)
+    if not is_url(url_or_path): # A path or a file:// URL.
         path = str(url_or_path)
+        if path.startswith('file://'):
+            path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+            path = path[1:] if re.match(r'^/[A-Za-z]:/', path) else path # file:///C:/... on Windows.
         if not os.path.isfile(path):
-            raise ValueError(f'"{path}" is neither an existing file nor an http(s):// or file:// URL; check the path.')
-        return path if return_filename else open(path, 'rb')
-    if url_or_path.startswith('file://'):
-        path = _file_url_to_path(url_or_path)
-        if not os.path.isfile(path):
-            raise ValueError(f'"{url_or_path}" points to "{path}", which does not exist; check the path.')
+            raise ValueError(f'"{url_or_path}" is neither an existing file nor an http(s):// or file:// URL; '
+                'check the path.')
         return path if return_filename else open(path, 'rb')
     url = url_or_path
-    if urllib.parse.urlparse(url).scheme == 'http' and not http_allowed(allow_http):
-        raise ValueError(f'"{url}" is plain http, which anyone on the way can alter; use its https:// address, or opt in with DNNLIB_ALLOW_HTTP=1 (allow_http=True).')
+    if urllib.parse.urlparse(url).scheme == 'http' and not (allow_http or os.environ.get('DNNLIB_ALLOW_HTTP') == '1'):
+        raise ValueError(f'"{url}" is plain http, which anyone on the way can alter; use its https:// address, '
+            'or opt in with DNNLIB_ALLOW_HTTP=1 (allow_http=True).')
 
-    # Cached downloads, trusted only with a matching checksum.
     if cache_dir is None:
         cache_dir = make_cache_dir_path('downloads')
     url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
     untrusted = None
     if cache:
-        names = os.listdir(cache_dir) if os.path.isdir(cache_dir) else []
-        hits = sorted(f for f in names if f.startswith(url_md5 + '_') and not f.endswith('.sha256') and '.tmp-' not in f)
+        names = [f for f in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else []) if f.startswith(url_md5 + '_')]
+        hits = sorted(f for f in names if not f.endswith('.sha256') and '.tmp-' not in f)
         if len(hits) == 1:
             path = os.path.join(cache_dir, hits[0])
             if _cache_entry_is_valid(path):
@@ -371,8 +343,8 @@ def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_
         data = _download(url, num_attempts=num_attempts, verbose=verbose)
     except IOError as err:
         if untrusted is not None:
-            raise ValueError(f'The cached "{untrusted}" of "{url}" has no matching checksum ({untrusted}.sha256), so it is not used, and downloading it again failed '
-                f'({str(err).rstrip(".")}); delete it and download the file when online, or pass a local copy.') from err
+            raise ValueError(f'The cached "{untrusted}" of "{url}" has no matching checksum, so it is not used, and '
+                f'downloading it again failed ({str(err).rstrip(".")}); delete it, or pass a local copy.') from err
         raise
     if verbose:
         print(' done', file=sys.stderr, flush=True)
@@ -382,8 +354,7 @@ def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_
         path = os.path.join(cache_dir, url_md5 + '_' + safe_name)
         os.makedirs(cache_dir, exist_ok=True)
         write_atomic(path, lambda f: f.write(data))
-        digest = hashlib.sha256(data).hexdigest()
-        write_atomic(path + '.sha256', lambda f: f.write(digest.encode('ascii') + b'\n'))
+        write_atomic(path + '.sha256', lambda f: f.write(hashlib.sha256(data).hexdigest().encode('ascii') + b'\n'))
         if return_filename:
             return path
     return io.BytesIO(data)

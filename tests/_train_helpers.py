@@ -141,3 +141,8 @@ class HookLoss(EDMLoss):
         HookLoss.log.append(('load_state_dict', dict(state)))
 
 #----------------------------------------------------------------------------
+
+def run_loop(**kwargs):
+    """The training loop on what preflight.setup() reads and checks for the same keyword arguments, as train.py runs it."""
+    from training import preflight, training_loop # pylint: disable=import-outside-toplevel
+    return training_loop.training_loop(**kwargs, inputs=preflight.setup(**kwargs))

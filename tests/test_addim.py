@@ -127,9 +127,9 @@ def test_student_sampler_addim():
         x = x_hat if b == 0 else samplers.addim_step(x_hat, x, a, b, samplers.addim_variance(a, 0.1, 0.5))
     torch.testing.assert_close(samplers.student_sampler(net, z, sigmas=sigmas, addim_scale=0.1), x, rtol=0, atol=1e-12)
     assert float((x - plain).abs().max()) > 1e-3
-    with pytest.raises(ValueError, match='pass only one'):
+    with pytest.raises(AssertionError):
         samplers.student_sampler(net, z, sigmas=sigmas, stochastic=True, addim_scale=0.1)
-    with pytest.raises(ValueError, match='addim_scale=-1'):
+    with pytest.raises(AssertionError):
         samplers.student_sampler(net, z, sigmas=sigmas, addim_scale=-1)
 
 #----------------------------------------------------------------------------

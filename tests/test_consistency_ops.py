@@ -221,7 +221,7 @@ def test_impossible_segmentation_is_refused():
     close = student_sigmas(3, 'explicit', interior=[10.0, 9.99])
     with pytest.raises(ValueError, match=r'S=3, T=16 .*segment\(s\) \[1\]'):
         ops.TeacherGrid(16, close)
-    with pytest.raises(ValueError, match='T=0'):
+    with pytest.raises(AssertionError):
         ops.teacher_sigmas(0, student)
 
 def test_grid_cache_per_T():
@@ -279,9 +279,9 @@ def test_edge_sampling_frequencies(mode, anchor, terminal_prob):
 
 def test_edge_probs_rejects_bad_input():
     for p in [0, 1, 1.5, -0.1]:
-        with pytest.raises(ValueError, match='terminal_prob'):
+        with pytest.raises(AssertionError):
             ops.edge_probs(torch.tensor([2.0, 1.0]), torch.tensor([0, 0]), 1, terminal_prob=p)
-    with pytest.raises(ValueError, match='sampling_mode="lognormal"'):
+    with pytest.raises(AssertionError):
         ops.edge_probs(torch.tensor([2.0, 1.0]), torch.tensor([0, 0]), 1, mode='lognormal')
 
 #----------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_anneal_T(mode):
     mid = ops.anneal_T(kimg * 500, 64, 1280, kimg, mode)
     assert mid == (round(math.sqrt(64 * 1280)) if mode == 'geometric' else 672)
     assert ops.anneal_T(123, 64, 1280, 0, mode) == 1280
-    with pytest.raises(ValueError, match='T_anneal="cosine"'):
+    with pytest.raises(AssertionError):
         ops.anneal_T(0, 64, 1280, kimg, 'cosine')
 
 def test_build_student_sigmas():
@@ -307,7 +307,7 @@ def test_build_student_sigmas():
     grid = ops.build_student_sigmas(3, '5, 0.5')
     assert grid.tolist() == [80.0, 5.0, 0.5, 0.0]
     assert ops.build_student_sigmas(3, [5, 0.5]).tolist() == [80.0, 5.0, 0.5, 0.0]
-    with pytest.raises(ValueError, match='student_sigmas="fast"'):
+    with pytest.raises(ValueError, match='student_sigmas=fast is neither'):
         ops.build_student_sigmas(3, 'fast')
     with pytest.raises(ValueError, match='S - 1'):
         ops.build_student_sigmas(3, [5.0])

@@ -254,12 +254,12 @@ def test_missing_source_without_traceback(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert 'Traceback' not in proc.stderr
-    assert re.fullmatch(r"Error: Source '.*nothing' does not exist; pass an image folder, a \.zip, .*, or 'digits'\.\n", proc.stderr)
+    assert re.fullmatch(r"Error: Source '.*nothing' does not exist; pass an image or MNIST folder, a \.zip, .*, or 'digits'\.\n", proc.stderr)
     assert not os.path.exists(tmp_path / 'out.zip')
 
 def test_unreadable_zip_source(tmp_path):
     (tmp_path / 'broken.zip').write_bytes(b'not a zip')
-    expect_error(r"Source '.*broken\.zip' is not a readable zip archive \(.*\); pass an image folder", f'--source={tmp_path / "broken.zip"}', f'--dest={tmp_path / "out.zip"}')
+    expect_error(r"Source '.*broken\.zip' is not a readable zip \(.*\); pass an image or MNIST folder", f'--source={tmp_path / "broken.zip"}', f'--dest={tmp_path / "out.zip"}')
 
 def test_unreadable_image(tmp_path):
     save_png(tmp_path / 'src' / 'a.png', np.zeros([4, 4], dtype=np.uint8))
@@ -269,7 +269,7 @@ def test_unreadable_image(tmp_path):
 def test_zip_without_images(tmp_path):
     with zipfile.ZipFile(tmp_path / 'empty.zip', 'w') as archive:
         archive.writestr('readme.txt', 'no images here')
-    expect_error(r"Source zip '.*empty\.zip' holds no PNG or JPEG images; pass a zip of images or", f'--source={tmp_path / "empty.zip"}', f'--dest={tmp_path / "out.zip"}')
+    expect_error(r"Source '.*empty\.zip' holds no PNG or JPEG images; pass an image or MNIST folder,", f'--source={tmp_path / "empty.zip"}', f'--dest={tmp_path / "out.zip"}')
     assert not os.path.exists(tmp_path / 'out.zip')
 
 def test_mixed_resolutions_without_resolution(tmp_path):
@@ -286,7 +286,7 @@ def test_existing_dest_is_kept(tmp_path, kind):
     run_ok(f'--source={tmp_path / "a.npz"}', f'--dest={dest}')
     before = read_json(dest)
     np.savez(tmp_path / 'b.npz', images=random_images(5, (4, 4)), labels=np.zeros(5, dtype=int))
-    expect_error(r"Destination '.*old(\.zip)?' already holds data; choose another --dest or delete it first\.", f'--source={tmp_path / "b.npz"}', f'--dest={dest}')
+    expect_error(r"Destination '.*old(\.zip)?' already holds data; choose another --dest or delete it\.", f'--source={tmp_path / "b.npz"}', f'--dest={dest}')
     assert read_json(dest) == before
     assert sorted(os.listdir(tmp_path)) == ['a.npz', 'b.npz', dest.name]
 
@@ -320,7 +320,7 @@ def test_npz_that_is_not_npz(tmp_path):
 
 def test_cifar10_tarball_without_batches(tmp_path):
     make_cifar10(tmp_path / 'c.tar.gz', batches=(1, 2))
-    expect_error(r"Source '.*c\.tar\.gz' lacks the CIFAR-10 training batches data_batch_1 to data_batch_5; pass cifar-10-python\.tar\.gz as downloaded\.",
+    expect_error(r"Source '.*c\.tar\.gz' lacks the CIFAR-10 training batches data_batch_1 to 5; pass cifar-10-python\.tar\.gz as downloaded\.",
         f'--source={tmp_path / "c.tar.gz"}', f'--dest={tmp_path / "out.zip"}')
 
 def test_mnist_without_labels_or_with_bad_magic(tmp_path):
@@ -332,8 +332,8 @@ def test_mnist_without_labels_or_with_bad_magic(tmp_path):
 
 def test_source_without_images(tmp_path):
     make_mnist(tmp_path / 'm', n=0)
-    expect_error(r"Source '.*m' holds no images; pass an image folder", f'--source={tmp_path / "m"}', f'--dest={tmp_path / "out.zip"}')
-    expect_error(r"Source '.*m' holds no images; pass an image folder", 'encode', f'--source={tmp_path / "m"}', f'--dest={tmp_path / "out.zip"}', '--device=cpu')
+    expect_error(r"Source '.*m' holds no images; pass an image or MNIST folder", f'--source={tmp_path / "m"}', f'--dest={tmp_path / "out.zip"}')
+    expect_error(r"Source '.*m' holds no images; pass an image or MNIST folder", 'encode', f'--source={tmp_path / "m"}', f'--dest={tmp_path / "out.zip"}', '--device=cpu')
     assert sorted(os.listdir(tmp_path)) == ['m']
 
 def test_dataset_json_missing_a_label(tmp_path):
@@ -344,7 +344,7 @@ def test_dataset_json_missing_a_label(tmp_path):
 
 def test_unknown_source_kind(tmp_path):
     (tmp_path / 'notes.txt').write_text('hello')
-    expect_error(r"Source '.*notes\.txt' is of an unknown kind; pass an image folder", f'--source={tmp_path / "notes.txt"}', f'--dest={tmp_path / "out.zip"}')
+    expect_error(r"Source '.*notes\.txt' is of an unknown kind; pass an image or MNIST folder", f'--source={tmp_path / "notes.txt"}', f'--dest={tmp_path / "out.zip"}')
 
 def test_transform_needs_resolution(tmp_path):
     expect_error(r"--transform=center-crop needs an output size; add --resolution=WxH\.", '--source=digits', f'--dest={tmp_path / "out.zip"}', '--transform=center-crop')

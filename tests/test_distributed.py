@@ -19,7 +19,7 @@ def test_single_process_without_torchrun(monkeypatch, capsys):
     assert dist.get_rank() == 0 and dist.get_world_size() == 1
     dist.print0('hello')
     assert capsys.readouterr().out == 'hello\n'
-    with pytest.raises(ValueError, match='device_type="tpu"'):
+    with pytest.raises(AssertionError):
         dist.init(device_type='tpu')
 
 def test_two_gloo_ranks_reduce_statistics(tmp_path):

@@ -125,6 +125,18 @@ def test_calc_uses_a_seeded_subset(rgb):
     assert seed0 == pytest.approx(sqrtm_frechet(features[picked], features), rel=1e-5)
 
 #----------------------------------------------------------------------------
+# --metrics.
+
+def test_parse_metrics():
+    assert fid.parse_metrics(None, 'dinov2') == (['dinov2'], False)
+    assert fid.parse_metrics('fid,fd_dinov2,pr') == (['inception', 'dinov2'], True)
+    assert fid.parse_metrics('fd_dinov2, fid', 'net.pkl') == (['dinov2', 'net.pkl'], False) # A pickled network stands in for Inception.
+    assert fid.parse_metrics('pr', 'pixels') == (['pixels'], True)
+    with pytest.raises(ValueError) as info:
+        fid.parse_metrics('fid,fd_dino')
+    assert str(info.value) == '--metrics=fid,fd_dino names the unknown metric "fd_dino"; choose from fid, fd_dinov2, fd_pixels, pr.'
+
+#----------------------------------------------------------------------------
 # Bad input: one sentence each, no traceback.
 
 def test_too_few_images(rgb):
@@ -134,7 +146,7 @@ def test_too_few_images(rgb):
 def test_ref_without_mu_sigma(rgb, tmp_path):
     np.savez(tmp_path / 'bad.npz', features=np.zeros([3, 2]))
     result = run_fid('calc', f'--images={rgb["folder"]}', f'--ref={tmp_path / "bad.npz"}', f'--detector={rgb["det"]}', '--num=48')
-    assert 'hold [\'features\'] but no mu and sigma; compute them with "python fid.py ref' in error_line(result)
+    assert 'hold [\'features\'] but no mu and sigma; compute them with fid.py ref.' in error_line(result)
 
 def test_ref_of_another_dimension_or_detector(rgb, tmp_path):
     det16, _ = write_standin(tmp_path / 'standin16.pkl', in_dim=3 * 8 * 8, out_dim=16)
@@ -171,7 +183,7 @@ def test_broken_or_odd_image_stops_before_any_feature(rgb, tmp_path):
     assert 'Computing features' not in result.output
     PIL.Image.fromarray(np.zeros([4, 4, 3], dtype=np.uint8)).save(tmp_path / 'images' / '00000' / 'img00000004.png')
     result = run_fid('ref', f'--data={folder}', f'--dest={tmp_path / "x.npz"}', f'--detector={rgb["det"]}')
-    assert "Image '00000/img00000004.png'" in error_line(result) and 'is 4x4 color, but the first image is 8x8 color' in error_line(result)
+    assert "Image '00000/img00000004.png'" in error_line(result) and 'is 4x4 color, but the first is 8x8 color' in error_line(result)
     assert 'Computing features' not in result.output and not (tmp_path / 'x.npz').exists()
 
 def test_missing_images(rgb, tmp_path):

@@ -112,10 +112,10 @@ def test_reference_without_the_detectors_statistics(setup, tmp_path):
         pickle.dump(dict(num_images=40, fid=dict(mu=np.zeros(32), sigma=np.eye(32))), f)
     result = run_fid('calc', f'--images={setup["folder"]}', f'--ref={tmp_path / "fid-only.pkl"}', '--detector=dinov2', '--num=40')
     assert error_line(result) == (f'Error: Reference statistics "{tmp_path / "fid-only.pkl"}" hold no statistics of detector "dinov2" (they have: fid); '
-        'compute them with "python fid.py ref --data=DATASET --dest=REF.pkl --metrics=fd_dinov2" or use a detector they have.')
+        'compute them with fid.py ref for the metric fd_dinov2 or use a detector they have.')
     result = run_fid('calc', f'--images={setup["folder"]}', f'--ref={tmp_path / "fid-only.pkl"}', '--metrics=fid,pr', '--num=40')
     assert error_line(result).endswith('hold no features of detector "inception", which precision and recall need; '
-        'compute them with "python fid.py ref --data=DATASET --dest=REF.pkl --metrics=fid,pr".')
+        'compute them with fid.py ref for the metrics fid,pr.')
 
 def test_unknown_metric_and_npz_for_two_detectors(setup, tmp_path):
     result = run_fid('calc', f'--images={setup["folder"]}', f'--ref={tmp_path / "x.pkl"}', '--metrics=fid,kid')

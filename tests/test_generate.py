@@ -196,11 +196,11 @@ def test_bad_class(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 @pytest.mark.parametrize('seeds, expected', [
-    ('a-5', '"a-5" is neither a seed nor a range'),
-    ('1,,2', '"" in "1,,2" is neither a seed nor a range'),
-    ('-1', '"-1" is neither a seed nor a range'),
-    ('0-3,1-2-3', '"1-2-3" in "0-3,1-2-3" is neither a seed nor a range'),
-    ('9-3', 'the range 9-3 is empty; write it as 3-9'),
+    ('a-5', '"a-5" is neither a non-negative integer nor a range'),
+    ('1,,2', '"" in "1,,2" is neither a non-negative integer nor a range'),
+    ('-1', '"-1" is neither a non-negative integer nor a range'),
+    ('0-3,1-2-3', '"1-2-3" in "0-3,1-2-3" is neither a non-negative integer nor a range'),
+    ('9-3', '"9-3" is an empty range; write it as 3-9'),
     ('0-4,3', 'lists seed 3 more than once'),
 ])
 def test_malformed_seeds(tmp_path, seeds, expected):
@@ -218,9 +218,9 @@ def test_sampler_option_errors(tmp_path):
     fails('Nothing would be saved', '--network', teacher)
     with open(tmp_path / 'bad.pkl', 'wb') as f:
         pickle.dump(dict(ema=GaussianNet(), consistency=dict(S=3, student_sigmas=[80.0, 1.0, 0.0])), f)
-    fails('The consistency metadata of', '--network', tmp_path / 'bad.pkl', *out)
+    fails('The consistency entry of', '--network', tmp_path / 'bad.pkl', *out)
     if not torch.cuda.is_available():
-        fails('CUDA was requested (--device=cuda) but no CUDA device is available', '--network', teacher, *out, '--device', 'cuda')
+        fails('CUDA was requested but no CUDA device is available', '--network', teacher, *out, '--device', 'cuda')
     assert not (tmp_path / 'out').exists()
 
 def test_unwritable_outputs_are_refused_before_sampling(tmp_path):

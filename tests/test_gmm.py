@@ -94,9 +94,9 @@ def test_edm_interface_and_bad_input():
     assert (mixture.img_resolution, mixture.img_channels, mixture.label_dim) == (8, 1, 0)
     z = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=_gen(6))
     assert samplers.edm_sampler(mixture, z, num_steps=4).shape == z.shape
-    with pytest.raises(ValueError, match='give 4 positive weights'):
+    with pytest.raises(AssertionError):
         GaussianMixture(mixture.means, [1.0, 1.0, 1.0], mixture.factors, 0.1, img_channels=1, img_resolution=8)
-    with pytest.raises(ValueError, match='noise_std'):
+    with pytest.raises(AssertionError):
         GaussianMixture(mixture.means, [1.0] * 4, mixture.factors, 0.0, img_channels=1, img_resolution=8)
 
 #----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from _train_helpers import invoke
+from _train_helpers import run_loop
 from torch_utils import misc
 from training import compiling
 from training import networks
@@ -24,7 +25,7 @@ from training import training_loop
 def test_precision_resolves_fp16_and_refuses_two_precisions():
     assert precisions.resolve(None, use_fp16=False) == 'fp32' and precisions.resolve(None, use_fp16=True) == 'fp16'
     assert precisions.resolve('bf16') == 'bf16' and precisions.resolve('fp16', use_fp16=True) == 'fp16'
-    with pytest.raises(ValueError, match=r'^--fp16=True and --precision=bf16 ask for two precisions; pass only --precision=bf16\.$'):
+    with pytest.raises(AssertionError): # train.py's checks refuse it with a sentence (below).
         precisions.resolve('bf16', use_fp16=True)
 
 def test_train_py_precision_mistakes_are_one_sentence(tmp_path):
@@ -84,7 +85,7 @@ def test_compile_falls_back_to_eager_with_one_warning(monkeypatch, fresh_warning
         warnings.simplefilter('always')
         first, second = compiling.compile_network(net), compiling.compile_network(net)
         assert torch.equal(first(x), net(x)) and torch.equal(second(x), net(x))
-    assert [str(w.message) for w in caught] == ['--compile: torch.compile is unavailable here (RuntimeError: torch.compile is not supported on this platform); the networks run eagerly.']
+    assert [str(w.message) for w in caught] == ['torch.compile is unavailable here (RuntimeError: torch.compile is not supported on this platform); the networks run eagerly.']
 
 def test_compile_failing_at_the_first_call_falls_back(monkeypatch, fresh_warning):
     net = torch.nn.Linear(3, 2)
@@ -126,7 +127,7 @@ def test_loop_compiles_student_teacher_and_target_and_sets_teacher_precision(tmp
     def extras(loss_fn, **_kwargs):
         seen.append((loss_fn.teacher.precision, loss_fn.teacher.use_fp16, loss_fn._compile_fn is compiling.compile_network)) # pylint: disable=protected-access
         return {}
-    training_loop.training_loop(run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8),
+    run_loop(run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8),
         data_loader_kwargs=dict(num_workers=0), network_kwargs=dict(class_name='training.networks.EDMPrecond', model_type='SongUNet',
         model_channels=16, channel_mult=[1], num_blocks=1), loss_kwargs=dict(class_name='training.loss_cd.ConsistencyDistillLoss',
         S=2, T_start=4, T_end=4, target_mode='ema'), optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3), batch_size=8, total_kimg=0.016,
@@ -180,6 +181,6 @@ def test_official_edm_code_cannot_run_in_bf16():
     class Official(torch.nn.Module): # The guard of the published EDM code, embedded in its pickles.
         _orig_module_src = 'F_x = self.model(...)\n        assert F_x.dtype == dtype\n'
     precisions.check_network(Official(), 'fp16')
-    with pytest.raises(ValueError, match=r'^The teacher runs the code embedded in its pickle \(an official EDM file\), which allows only float16 or float32, so it cannot run in bf16; '):
+    with pytest.raises(ValueError, match=r'^The teacher runs the code embedded in its official EDM pickle, which cannot run in bf16; '):
         precisions.Teacher(Official(), 'bf16')
     precisions.check_network(networks.EDMPrecond(img_resolution=8, img_channels=1, model_type='SongUNet', model_channels=16, channel_mult=[1], num_blocks=1), 'bf16')

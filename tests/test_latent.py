@@ -183,12 +183,12 @@ def test_a_vae_that_cannot_be_loaded_and_other_mistakes(data, pixel_teacher):
     assert line == (f'Error: --data: {data["latents"]} holds latents of the VAE "{missing}", which cannot be loaded (VAE folder "{missing}" does not exist); '
         'pass --vae with its folder (AutoencoderKL.save_pretrained) or hub name.')
     line = invoke(f'--outdir={data["root"] / "x"}', f'--data={data["rgb"]}', f'--vae={data["vae"]}', *EDM2, *RUN, '-n')
-    assert line == f'Error: --vae={data["vae"]} applies to latent datasets, but --data holds images; leave --vae out.'
+    assert line.startswith('Error: ') and line.endswith(f'The VAE "{data["vae"]}" applies to latents, but this dataset holds images; leave it out.')
     line = invoke(f'--outdir={data["root"] / "x"}', f'--data={data["latents"]}', '--arch=ddpmpp', '--cbase=16', '--cres=1', *RUN, '-n')
     assert line == 'Error: --augment=0.12 augments pixel images, but --data holds VAE latents; pass --augment=0.'
     line = invoke(f'--outdir={data["root"] / "x"}', f'--data={data["latents"]}', *EDM2, *RUN, '--val=1', '--val_detector=pixels', '-n')
     assert line == (f'Error: --val: Validation dataset ref_data="{data["latents"]}" holds latents, not images; '
-        'pass ref (--val_ref, e.g. EDM2\'s img512.pkl) or ref_data with the images they encode.')
+        'pass reference statistics as ref (e.g. EDM2\'s img512.pkl) or a dataset of the images they encode.')
     result = CliRunner().invoke(generate.main, [f'--network={pixel_teacher}', f'--outdir={data["root"] / "y"}', '--save_latents', '--device=cpu'])
     assert result.exit_code == 1 and 'makes pixel images; leave it out.' in result.output
 

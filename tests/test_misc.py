@@ -68,11 +68,11 @@ def test_infinite_sampler_deals_blocks():
         assert resumed == expected
 
 def test_infinite_sampler_bad_input():
-    with pytest.raises(ValueError, match='non-empty'):
+    with pytest.raises(AssertionError):
         misc.InfiniteSampler([])
-    with pytest.raises(ValueError, match='rank=2 with num_replicas=2'):
+    with pytest.raises(AssertionError):
         misc.InfiniteSampler(range(3), rank=2, num_replicas=2)
-    with pytest.raises(ValueError, match='block=0'):
+    with pytest.raises(AssertionError):
         misc.InfiniteSampler(range(3), block=0)
 
 #----------------------------------------------------------------------------

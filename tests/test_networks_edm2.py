@@ -150,9 +150,9 @@ def test_resample_keeps_constants_and_shapes():
     assert down.shape == (1, 2, 4, 4) and up.shape == (1, 2, 16, 16)
     torch.testing.assert_close(down, torch.full_like(down, 3.0))
     torch.testing.assert_close(up, torch.full_like(up, 3.0))
-    with pytest.raises(ValueError, match="'sideways'"):
+    with pytest.raises(AssertionError):
         networks_edm2.resample(x, mode='sideways')
-    with pytest.raises(ValueError, match=r'\[1, 2, 1\]'):
+    with pytest.raises(AssertionError):
         networks_edm2.resample(x, f=[1, 2, 1], mode='down')
 
 def test_mpconv_forced_weight_normalization():
@@ -198,9 +198,9 @@ def test_attention_and_network_gradients_match_the_einsum_form(monkeypatch, one_
     assert all(relative_error(grads[key], grads_ref[key]) < 1e-5 for key in grads)
 
 def test_block_bad_arguments():
-    with pytest.raises(ValueError, match="'middle'"):
+    with pytest.raises(AssertionError):
         networks_edm2.Block(8, 8, 8, flavor='middle')
-    with pytest.raises(ValueError, match="'sideways'"):
+    with pytest.raises(AssertionError):
         networks_edm2.Block(8, 8, 8, resample_mode='sideways')
 
 #----------------------------------------------------------------------------

@@ -185,9 +185,9 @@ def test_record_init_args_can_be_switched_off(tmp_path, monkeypatch):
     sys.modules.pop('norecord_mod')
 
 def test_bad_uses():
-    with pytest.raises(ValueError, match='decorates classes only'):
+    with pytest.raises(AssertionError):
         persistence.persistent_class(lambda: None)
-    with pytest.raises(ValueError, match='callable'):
+    with pytest.raises(AssertionError):
         persistence.import_hook(42)
     meta = dict(type='class', version=99, module_src=MODULE_SRC, class_name='Inner', state={})
     with pytest.raises(ValueError, match='version 99'):

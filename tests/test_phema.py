@@ -140,11 +140,11 @@ def test_bad_values():
         phema.PowerFunctionEMA(NetWithBuffer(), stds=[0.05, 0.5])
     with pytest.raises(ValueError, match='sigma_rel'):
         phema.std_to_exp(0.0)
-    with pytest.raises(ValueError, match='-1'):
+    with pytest.raises(AssertionError):
         phema.exp_to_std(-1.5)
-    with pytest.raises(ValueError, match='t_delta=4096, t_next=2048'):
+    with pytest.raises(AssertionError):
         phema.power_function_beta(0.1, t_next=2048, t_delta=4096)
-    with pytest.raises(ValueError, match='positive'):
+    with pytest.raises(AssertionError):
         phema.solve_posthoc_coefficients([0, 1000], 0.1, 1000, 0.05)
     with pytest.raises(ValueError, match='linearly dependent'):
         phema.solve_posthoc_coefficients([1000, 1000], 0.1, 1000, 0.05)

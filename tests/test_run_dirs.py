@@ -77,7 +77,7 @@ def test_other_scripts_check_their_outputs_first(tmp_path, digits8):
     ref.write_bytes(b'old statistics')
     result = CliRunner().invoke(fid.main, ['ref', f'--data={digits8}', f'--dest={ref}', '--detector=pixels'])
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == \
-        f'Error: --dest={ref} already exists; delete it or pass another path, so that no reference statistics are replaced by mistake.'
+        f'Error: --dest={ref} already exists; delete it or pass another path.'
     assert ref.read_bytes() == b'old statistics'
 
 #----------------------------------------------------------------------------
@@ -94,8 +94,8 @@ def image_folder(path, sizes):
 def test_dataset_images_are_checked_first_and_named_when_they_fail(tmp_path):
     mixed = image_folder(tmp_path / 'mixed', [8] * 20 + [16])
     msg = invoke(f'--outdir={tmp_path / "out"}', f'--data={mixed}', *TINY_RUN)
-    assert msg == (f"Error: --data: Image 'img020.png' in '{mixed}' is 16x16 grayscale, but the first image is 8x8 grayscale; "
-        'rebuild the dataset with dataset_tool.py --resolution=WxH.')
+    assert msg == (f"Error: --data: Image 'img020.png' in '{mixed}' is 16x16 grayscale, but the first is 8x8 grayscale; "
+        'resize all images to one size with dataset_tool.py.')
     assert not os.path.exists(tmp_path / 'out')
 
     broken = image_folder(tmp_path / 'broken', [8] * 40)

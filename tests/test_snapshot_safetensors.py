@@ -22,6 +22,7 @@ import generate
 from torch_utils import persistence
 from training import augment
 from training import checkpoint
+from training import preflight
 from training import loss as losses
 from training import loss_cd
 from training import networks
@@ -146,9 +147,9 @@ def test_teacher_and_transfer_from_safetensors(tmp_path, digits8, monkeypatch):
     network_kwargs = dict(class_name='training.networks.EDMPrecond', **{k: v for k, v in TINY_NET.items() if k not in ('img_resolution', 'img_channels', 'label_dim')})
     common = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8), network_kwargs=network_kwargs, batch_size=8, seed=0, device='cpu')
     cd_loss = dict(class_name='training.loss_cd.ConsistencyDistillLoss', S=2, T_start=8, T_end=8)
-    inputs = training_loop.setup(**common, loss_kwargs=cd_loss, teacher_pkl=st, resume_pkl=st)
+    inputs = preflight.setup(**common, loss_kwargs=cd_loss, teacher_pkl=st, resume_pkl=st)
     assert type(inputs.teacher) is networks.EDMPrecond and inputs.init_net is inputs.teacher
-    inputs = training_loop.setup(**common, loss_kwargs=dict(class_name='training.loss.EDMLoss'), resume_pkl=st)
+    inputs = preflight.setup(**common, loss_kwargs=dict(class_name='training.loss.EDMLoss'), resume_pkl=st)
     assert torch.equal(outputs(inputs.init_net), outputs(checkpoint.load_snapshot(st)['ema'])) and calls == []
 
 #----------------------------------------------------------------------------
@@ -204,8 +205,8 @@ def test_class_from_elsewhere_is_refused(tmp_path, class_name, monkeypatch):
     forbid_unpickling(monkeypatch)
     with pytest.raises(ValueError) as info:
         checkpoint.load_snapshot(st)
-    assert one_sentence(str(info.value)) == (f'"{st}" names the class "{class_name}" for "ema", which is not a network class of this repository\'s training/ package; '
-        'only those are built from a safetensors snapshot, so write it with convert_snapshot.py or load the pickle instead.')
+    assert one_sentence(str(info.value)) == (f'"{st}" names the class "{class_name}" for "ema", which is not a network class of training/; '
+        'load the pickle instead.')
 
 def test_broken_files_are_refused(tmp_path):
     _pkl, st = save_both(tmp_path, edm_snapshot())

@@ -20,6 +20,7 @@ import generate
 import train
 from _train_helpers import invoke, run_dirs
 from training import checkpoint
+from training import preflight
 from training import guidance
 from training import networks_edm2
 from training import training_loop
@@ -201,20 +202,20 @@ def test_teacher_of_embedded_code_runs_on_the_projects_class(tmp_path):
     net = edm2_net(seed=3, label_dim=4)
     embedded = load(edm2_snapshot(tmp_path / 'a.pkl', net))['ema']
     assert type(embedded) is not networks_edm2.Precond and type(embedded).__name__ == 'Precond'
-    ours = checkpoint.on_project_class(embedded)
+    ours = preflight.on_project_class(embedded)
     assert type(ours) is networks_edm2.Precond and all(p.dtype == torch.float16 for p in ours.parameters()) # Same weights, same dtypes.
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), embedded.state_dict().values()))
     for seed in range(2): # Inputs other than the probe's: the pickle's code is the second implementation.
         expected = outputs(embedded, seed=seed + 10, label_dim=4)
         assert float((outputs(ours, seed=seed + 10, label_dim=4) - expected).abs().max()) <= 1e-5 * max(1, float(expected.abs().max()))
-    assert checkpoint.on_project_class(ours) is ours
+    assert preflight.on_project_class(ours) is ours
 
     # Embedded code that computes something else: a warning, and the pickle's own code.
     other_src = NETWORK_SRC.replace('D_x = c_skip * x + c_out * F_x.to(torch.float32)', 'D_x = c_skip * x + 1.001 * c_out * F_x.to(torch.float32)')
     assert other_src != NETWORK_SRC
     other = load(edm2_snapshot(tmp_path / 'b.pkl', edm2_net(seed=3, label_dim=4), other_src))['ema']
     with pytest.warns(UserWarning, match=r'^The teacher \(Precond\) keeps the code embedded in its pickle: on the project\'s training\.networks_edm2\.Precond its outputs differ by '):
-        assert checkpoint.on_project_class(other) is other
+        assert preflight.on_project_class(other) is other
 
 #----------------------------------------------------------------------------
 # Must-show 5: a guided distillation resumes bit-identically.
@@ -245,8 +246,8 @@ def test_setup_attaches_the_guided_teacher_that_validation_uses(tmp_path, rgb4, 
     kwargs = dict(dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=rgb4), network_kwargs=dict(class_name='training.networks_edm2.Precond',
         **EDM2_KWARGS), loss_kwargs=dict(class_name='training.loss_cd.ConsistencyDistillLoss', S=2, T_start=4, T_end=4), batch_size=8, teacher_pkl=edm2_teacher,
         resume_pkl=edm2_teacher, device=torch.device('cpu'))
-    plain = training_loop.setup(**kwargs)
-    guided = training_loop.setup(**kwargs, gnet_pkl=gnet, guidance=2.5)
+    plain = preflight.setup(**kwargs)
+    guided = preflight.setup(**kwargs, gnet_pkl=gnet, guidance=2.5)
     teacher = guided.loss_fn.teacher # What the Heun hops, the teacher target and validation's teacher figures evaluate.
     assert isinstance(teacher, guidance.GuidedDenoiser) and teacher.guidance == 2.5 and not teacher.training
     assert type(teacher.net) is networks_edm2.Precond and type(teacher.gnet) is networks_edm2.Precond # Both on the project's class.

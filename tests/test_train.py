@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import train
 from _train_helpers import ROOT, SMALL_RUN, VALIDATION_CALLS, HookLoss, RecordingRun, finish, invoke, read_stats, read_wandb_history, run_dirs, start_train, subprocess_env
+from _train_helpers import run_loop
 from training import checkpoint
 from training import steps
 from training import training_loop
@@ -352,7 +353,7 @@ def test_loop_hooks_extras_and_validation(tmp_path, digits8, one_thread):
     run1 = tmp_path / 'run1'
     run1.mkdir()
     wandb_run = RecordingRun()
-    training_loop.training_loop(**loop_kwargs(str(run1), digits8, snapshot_extras=dict(consistency=dict(S=4)),
+    run_loop(**loop_kwargs(str(run1), digits8, snapshot_extras=dict(consistency=dict(S=4)),
         validation_fn=validation_fn, val_every=2, val_at_start=True, wandb_run=wandb_run))
     log = HookLoss.log
     assert [e[1] for e in log if e[0] == 'set_progress'] == [0, 16, 32, 48, 64, 80] # Before every step, at the images seen.
@@ -379,7 +380,7 @@ def test_loop_hooks_extras_and_validation(tmp_path, digits8, one_thread):
     # Without validation the training is the same to the bit: validation's draws are isolated.
     run2 = tmp_path / 'run2'
     run2.mkdir()
-    training_loop.training_loop(**loop_kwargs(str(run2), digits8, snapshot_extras=lambda net, ema, loss_fn, cur_nimg: dict(nimg=cur_nimg)))
+    run_loop(**loop_kwargs(str(run2), digits8, snapshot_extras=lambda net, ema, loss_fn, cur_nimg: dict(nimg=cur_nimg)))
     state2 = torch.load(run2 / 'training-state-000000.pt', weights_only=False)
     assert all(torch.equal(state1['net'][k], state2['net'][k]) for k in state1['net'])
     assert all(torch.equal(state1['ema'][k], state2['ema'][k]) for k in state1['ema'])
@@ -391,7 +392,7 @@ def test_loop_hooks_extras_and_validation(tmp_path, digits8, one_thread):
     run3 = tmp_path / 'run3'
     run3.mkdir()
     VALIDATION_CALLS.clear()
-    training_loop.training_loop(**loop_kwargs(str(run3), digits8, total_kimg=0.128, resume_state_dump=str(run1 / 'training-state-000000.pt'),
+    run_loop(**loop_kwargs(str(run3), digits8, total_kimg=0.128, resume_state_dump=str(run1 / 'training-state-000000.pt'),
         validation_fn=dict(func_name='_train_helpers.record_validation', tag='x'), val_every=1))
     assert VALIDATION_CALLS == [('x', 4, 128, False)] # Ticks continue after the state's tick 3.
     assert read_stats(str(run3))[-1]['Validation/calls']['mean'] == 1
@@ -401,6 +402,6 @@ def test_loop_hooks_extras_and_validation(tmp_path, digits8, one_thread):
 
 def test_loop_refuses_a_batch_that_does_not_divide(tmp_path, digits8):
     with pytest.raises(ValueError, match=r'^--batch=10 gives 10 images per rank, which --batch-gpu=4 does not divide; pass a --batch that is a multiple of 4\.$'):
-        training_loop.training_loop(**loop_kwargs(str(tmp_path), digits8, batch_size=10, batch_gpu=4))
+        run_loop(**loop_kwargs(str(tmp_path), digits8, batch_size=10, batch_gpu=4))
 
 #----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 import generate
 import train
 from _train_helpers import SMALL_RUN, TINY_ARCH, finish, invoke, read_stats, run_dirs, start_train
+from _train_helpers import run_loop
 from training import checkpoint
 from training import samplers
 from training import training_loop
@@ -169,11 +170,11 @@ def test_loop_attaches_the_frozen_teacher_in_the_students_precision(tmp_path, di
     def extras(loss_fn, **_kwargs):
         t = loss_fn.teacher
         seen.append((type(t).__name__, type(t.net).__name__, t.precision, t.training, any(p.requires_grad for p in t.parameters()), t.use_fp16))
-        return train.student_snapshot_entry(loss_fn)
+        return {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        training_loop.training_loop(run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8),
+        run_loop(run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8),
             data_loader_kwargs=dict(num_workers=0), network_kwargs=dict(class_name='training.networks.EDMPrecond', model_type='SongUNet',
             model_channels=16, channel_mult=[1], num_blocks=1, use_fp16=True), loss_kwargs=dict(class_name='training.loss_cd.ConsistencyDistillLoss',
             S=2, T_start=4, T_end=4), optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3), batch_size=8, total_kimg=0.008,
@@ -184,7 +185,7 @@ def test_loop_attaches_the_frozen_teacher_in_the_students_precision(tmp_path, di
     assert seen == [('Teacher', 'EDMPrecond', 'fp16', False, False, True)] # Frozen, and in fp16 like the student (which takes effect on CUDA).
     assert load_pickle(tmp_path / 'network-snapshot-000000.pkl')['consistency']['S'] == 2
     with pytest.raises(ValueError, match=r'^teacher_pkl=".*" was given, but the loss EDMLoss takes no teacher; use a loss with set_teacher\(\) or leave teacher_pkl out\.$'):
-        training_loop.training_loop(run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8),
+        run_loop(run_dir=str(tmp_path), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=digits8),
             data_loader_kwargs=dict(num_workers=0), network_kwargs=dict(class_name='training.networks.EDMPrecond', model_type='SongUNet',
             model_channels=16, channel_mult=[1], num_blocks=1), loss_kwargs=dict(class_name='training.loss.EDMLoss'),
             optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3), batch_size=8, total_kimg=0.008, teacher_pkl=teacher, device=torch.device('cpu'))

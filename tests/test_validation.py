@@ -16,8 +16,9 @@ import scipy.linalg
 import torch
 
 from _train_helpers import ROOT, read_stats, subprocess_env
+from _train_helpers import run_loop
 from _val_worker import LABEL_DIM, NET_KWARGS, VAL_KWARGS, make_loss, make_net, write_dataset
-from training import metrics, samplers, training_loop, validation
+from training import metrics, precision, samplers, training_loop, validation
 from training.loss import EDMLoss
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -184,6 +185,22 @@ def test_history_teacher_once_best_snapshot_and_resume(tmp_path, data_dir, monke
         assert f.read().count('\n') == 3 # The cut line was ended before the new one.
     assert [e['tick'] for e in validation.read_history(str(run_c))] == [1, 0]
 
+def test_kept_teacher_images_are_read_not_sampled(tmp_path, data_dir, monkeypatch):
+    student, seed, steps = make_net(2), VAL_KWARGS['seed'], VAL_KWARGS['heun_steps']
+    first = run(student, make_loss(make_net(1)), None, ref_data=data_dir, grid_num=0)
+    teacher, blocks = make_net(1), [list(range(i, i + 32)) for i in range(0, 96, 32)] # The blocks of run()'s batch.
+    images = torch.cat([samplers.generate_images(teacher, [seed + i for i in block], 'cpu', samplers.edm_sampler,
+        classes=block, num_steps=steps) for block in blocks])
+    validation.save_heun_images(str(tmp_path), teacher, images, 32, 'cpu', seed=seed, heun_steps=steps)
+    def no_sampling(*args, **kwargs):
+        raise AssertionError('the teacher was sampled')
+    monkeypatch.setattr(samplers, 'edm_sampler', no_sampling)
+    kept = run(student, make_loss(precision.Teacher(make_net(1), 'fp32')), tmp_path, ref_data=data_dir, grid_num=0)
+    assert {k: v for k, v in kept.items() if k != 'sec'} == {k: v for k, v in first.items() if k != 'sec'}
+    name = validation.heun_file_name(teacher, 'cpu', seed=seed, heun_steps=steps)
+    assert os.listdir(tmp_path).count(name) == 1 and name not in [validation.heun_file_name(*args, seed=seed,
+        heun_steps=steps + k) for args, k in [((make_net(3), 'cpu'), 0), ((teacher, 'cpu'), 1), ((teacher, 'meta'), 0)]]
+
 def test_training_loop_runs_validation(tmp_path, data_dir):
     teacher = make_net(1)
     teacher_pkl = tmp_path / 'teacher.pkl'
@@ -191,7 +208,7 @@ def test_training_loop_runs_validation(tmp_path, data_dir):
         pickle.dump(dict(ema=teacher), f)
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    training_loop.training_loop(
+    run_loop(
         run_dir             = str(run_dir),
         dataset_kwargs      = dict(class_name='training.dataset.ImageFolderDataset', path=data_dir, use_labels=True, cache=True),
         data_loader_kwargs  = dict(num_workers=0),
@@ -267,9 +284,9 @@ def test_bad_input(tmp_path, data_dir):
                 small_image = image.resize([4, 4])
             small_image.save(os.path.join(tiny, name))
     cases = [
-        (dict(ref=no_mu),                           r'^Reference statistics ".*no_mu\.npz" hold \[\'mean\'\] but no mu and sigma; compute them with "python fid\.py ref --data=DATASET --dest=REF\.npz"\.$'),
+        (dict(ref=no_mu),                           r'^Reference statistics ".*no_mu\.npz" hold \[\'mean\'\] but no mu and sigma; compute them with fid\.py ref\.$'),
         (dict(ref=small),                           r'^Reference statistics ".*small\.npz" have 10 features but detector "pixels" gives 64; compute the reference with the same detector: .*\.$'),
-        (dict(),                                    r'^Validation with num=96 needs reference statistics; pass ref=NPZ\|URL \(--val_ref\) or ref_data=DATASET \(--val_ref_data\), or num=0 for the teacher agreement alone\.$'),
+        (dict(),                                    r'^Validation with num=96 needs reference statistics; pass a statistics file or URL \(ref\) or the dataset to compute them from \(ref_data\), or num=0 for the teacher agreement alone\.$'),
         (dict(ref=small, ref_data=data_dir),        r'^Validation got both ref=".*" and ref_data=".*"; pass only one source of reference statistics\.$'),
         (dict(ref_data=tiny),                       r'^Validation dataset ref_data=".*tiny" holds images of shape \[1, 4, 4\] but the network makes \[1, 8, 8\]; pass the dataset the network is trained on\.$'),
         (dict(ref_data=str(tmp_path / 'none')),     r'^Dataset path .* does not exist; pass a folder or \.zip made by dataset_tool\.py\.$'),

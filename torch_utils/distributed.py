@@ -1,12 +1,4 @@
-"""Process-group set-up for `torchrun`, rank-aware printing, and the
-helpers that coordinate the ranks (rank 0 first, objects broadcast from
-rank 0 or gathered from all, errors raised on every rank).
-
-Launched by `torchrun`, `init()` joins the process group described by its
-environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL
-when the processes use CUDA, gloo on the CPU. Launched directly, it is a
-plain single process with rank 0 and world size 1.
-"""
+"""Process-group set-up for torchrun (NCCL on CUDA, gloo on the CPU) and the helpers that coordinate the ranks."""
 
 import contextlib
 import os
@@ -18,21 +10,15 @@ from . import training_stats
 #----------------------------------------------------------------------------
 
 def launched_by_torchrun():
-    """True when the environment of a torchrun (or torch.distributed.launch) worker is set."""
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
 
 def init(device_type=None):
-    """Join the torchrun process group, if any, and return the device to use.
-
-    device_type: 'cuda', 'cpu' or None (CUDA when available). Each rank uses
-    the GPU given by LOCAL_RANK.
-    """
+    """Join the torchrun process group, if any; return the device (device_type 'cuda', 'cpu' or None = auto)."""
     if device_type is None:
         device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device_type not in ('cuda', 'cpu'):
-        raise ValueError(f'device_type="{device_type}" is invalid; use "cuda", "cpu" or None.')
+    assert device_type in ('cuda', 'cpu')
     if device_type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('CUDA was requested (--device=cuda) but no CUDA device is available; pass --device=cpu or run on a machine with a GPU.')
+        raise ValueError('CUDA was requested but no CUDA device is available.')
 
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     device = torch.device('cuda', local_rank) if device_type == 'cuda' else torch.device('cpu')
@@ -49,21 +35,16 @@ def init(device_type=None):
     return device
 
 def set_cpu_threads(workers=0):
-    """Choose the compute threads of a CPU rank so that the ranks of this machine,
-    their data-loader workers and the work already running on it (the load
-    average) do not oversubscribe its cores: OpenMP threads that wait for a
-    busy core slow a step down many times over. OMP_NUM_THREADS, when set,
-    decides instead. Returns the number of threads."""
+    """Share the idle cores among local ranks and their workers unless OMP_NUM_THREADS is set; return the threads."""
     if 'OMP_NUM_THREADS' not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
         ranks = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
         idle = cores - os.getloadavg()[0] if hasattr(os, 'getloadavg') else cores
         torch.set_num_threads(max(1, min(cores // (ranks * (1 + workers)), int(idle) // ranks)))
     return torch.get_num_threads()
 
 def shutdown():
-    """Leave the process group, if one was joined."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.destroy_process_group()
 
 #----------------------------------------------------------------------------
@@ -78,24 +59,18 @@ def get_world_size():
     return torch.distributed.get_world_size() if is_distributed() else 1
 
 def barrier():
-    """Wait for every rank (no-op in a single process)."""
     if is_distributed():
         torch.distributed.barrier()
 
 def print0(*args, **kwargs):
-    """print() on rank 0 only."""
     if get_rank() == 0:
         print(*args, **kwargs)
 
-#
-
 #----------------------------------------------------------------------------
-# Coordination of the ranks.
 
 @contextlib.contextmanager
 def rank0_first():
-    """Rank 0 runs the block first, then the other ranks (a download lands in
-    the cache once, and the others read it from there)."""
+    """Rank 0 runs the block first, then the other ranks."""
     if get_rank() != 0:
         barrier()
     try:
@@ -121,9 +96,7 @@ def gather_objects(obj):
     return objs
 
 def on_rank0(fn, share=False):
-    """Call fn() on rank 0 only. A ValueError it raises is raised on every
-    rank, so that all stop together. Returns fn's result on rank 0 (on every
-    rank with `share`), None on the others."""
+    """fn() on rank 0, its ValueError raised on every rank, its result on rank 0 (every rank with `share`)."""
     result, message = None, None
     if get_rank() == 0:
         try:

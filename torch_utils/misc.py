@@ -1,5 +1,5 @@
-"""Tensor constants, shape checks, parameter copying, the infinite sampler,
-DDP helpers and a module summary."""
+"""Tensor constants, shape checks, parameter copying, the infinite sampler and DDP helpers (EDM and EDM2 pickles
+call several of these)."""
 
 import contextlib
 import re
@@ -11,21 +11,16 @@ import torch
 import dnnlib
 
 #----------------------------------------------------------------------------
-# Cached constants (the module sources of published EDM and EDM2 pickles call these).
 
 _constant_cache = dict()
 
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
-    """A tensor for `value`, created once per (value, shape, dtype, device)."""
+    """Cached constant tensor."""
     value = np.asarray(value)
-    if shape is not None:
-        shape = tuple(shape)
-    if dtype is None:
-        dtype = torch.get_default_dtype()
-    if device is None:
-        device = torch.device('cpu')
-    if memory_format is None:
-        memory_format = torch.contiguous_format
+    shape = tuple(shape) if shape is not None else None
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    device = device if device is not None else torch.device('cpu')
+    memory_format = memory_format if memory_format is not None else torch.contiguous_format
     key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
     tensor = _constant_cache.get(key, None)
     if tensor is None:
@@ -37,23 +32,20 @@ def constant(value, shape=None, dtype=None, device=None, memory_format=None):
     return tensor
 
 def const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
-    """constant() with the dtype and device of the tensor `ref` unless given (EDM2's module sources call this)."""
     return constant(value, shape=shape, dtype=(ref.dtype if dtype is None else dtype),
         device=(ref.device if device is None else device), memory_format=memory_format)
 
 def nan_to_num(input, nan=0.0, posinf=None, neginf=None, *, out=None): # pylint: disable=redefined-builtin
-    """torch.nan_to_num (kept under this name for older module sources)."""
     return torch.nan_to_num(input, nan=nan, posinf=posinf, neginf=neginf, out=out)
 
 @contextlib.contextmanager
 def suppress_tracer_warnings():
-    """Silence the JIT tracer's warnings inside the block."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
         yield
 
 def assert_shape(tensor, ref_shape):
-    """Check a tensor's shape against a reference; None entries match any size."""
+    """Assert the shape of a tensor; None entries match any size."""
     if tensor.ndim != len(ref_shape):
         raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}')
     for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
@@ -64,12 +56,12 @@ def assert_shape(tensor, ref_shape):
                 torch._assert(torch.equal(torch.as_tensor(size), ref_size), f'Wrong size for dimension {idx}')
         elif isinstance(size, torch.Tensor):
             with suppress_tracer_warnings():
-                torch._assert(torch.equal(size, torch.as_tensor(ref_size)), f'Wrong size for dimension {idx}: expected {ref_size}')
+                torch._assert(torch.equal(size, torch.as_tensor(ref_size)),
+                    f'Wrong size for dimension {idx}: expected {ref_size}')
         elif size != ref_size:
             raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
 
 def profiled_function(fn):
-    """Decorator that labels a function in the autograd profiler."""
     def decorator(*args, **kwargs):
         with torch.autograd.profiler.record_function(fn.__name__):
             return fn(*args, **kwargs)
@@ -79,34 +71,13 @@ def profiled_function(fn):
 #----------------------------------------------------------------------------
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless stream of dataset indices, shuffled per epoch and sharded by rank.
+    """Endless stream of dataset indices, shuffled per epoch, dealt to the ranks in blocks of `block`."""
 
-    The global stream visits epoch e in the order of a permutation seeded by
-    (seed, e). It is dealt to the ranks in blocks of `block` consecutive
-    positions, round-robin: rank r yields the positions p with
-    (p // block) % num_replicas == r (block=1: r, r + num_replicas, ...).
-    Position p of the stream depends only on (seed, p), so `start_idx` (a
-    global position, e.g. the number of images seen) resumes exactly, in
-    O(len(dataset)) time whatever its value.
-    """
-
-    def __init__(self,
-        dataset,                # Sized object; indices are range(len(dataset)).
-        rank            = 0,    # Rank of this process.
-        num_replicas    = 1,    # Number of processes.
-        shuffle         = True, # Shuffle the indices anew in every epoch?
-        seed            = 0,    # Seed of the shuffle.
-        start_idx       = 0,    # Global stream position to start from.
-        block           = 1,    # Consecutive positions dealt to a rank at a time.
+    def __init__(self, dataset, rank=0, num_replicas=1, shuffle=True, seed=0,
+        start_idx = 0, # Global stream position to resume from.
+        block     = 1, # Consecutive positions dealt to a rank at a time.
     ):
-        if len(dataset) < 1:
-            raise ValueError('InfiniteSampler needs a non-empty dataset.')
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f'InfiniteSampler got rank={rank} with num_replicas={num_replicas}; need 0 <= rank < num_replicas.')
-        if block < 1:
-            raise ValueError(f'block={block} is invalid; it must be positive.')
-        if start_idx < 0:
-            raise ValueError(f'start_idx={start_idx} is invalid; it must be non-negative.')
+        assert len(dataset) > 0 and 0 <= rank < num_replicas and block >= 1 and start_idx >= 0
         super().__init__()
         self.dataset = dataset
         self.rank = rank
@@ -117,7 +88,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self.block = block
 
     def epoch_order(self, epoch):
-        """The order of the dataset indices in the given epoch."""
         if not self.shuffle:
             return np.arange(len(self.dataset))
         return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.dataset))
@@ -128,7 +98,7 @@ class InfiniteSampler(torch.utils.data.Sampler):
         epoch = None
         while True:
             skip = (self.rank - idx // self.block) % self.num_replicas
-            if skip != 0: # The start of this rank's next block.
+            if skip != 0:
                 idx = (idx // self.block + skip) * self.block
             if idx // size != epoch:
                 epoch = idx // size
@@ -137,44 +107,33 @@ class InfiniteSampler(torch.utils.data.Sampler):
             idx += 1
 
 #----------------------------------------------------------------------------
-# Parameters and buffers.
 
 def params_and_buffers(module):
-    """All parameters and buffers of a module, as a list."""
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(f'Expected a torch.nn.Module, got {type(module).__name__}.')
+    assert isinstance(module, torch.nn.Module)
     return list(module.parameters()) + list(module.buffers())
 
 def named_params_and_buffers(module):
-    """All (name, tensor) pairs of parameters and buffers of a module."""
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(f'Expected a torch.nn.Module, got {type(module).__name__}.')
+    assert isinstance(module, torch.nn.Module)
     return list(module.named_parameters()) + list(module.named_buffers())
 
 @torch.no_grad()
 def copy_params_and_buffers(src_module, dst_module, require_all=False):
-    """Copy parameters and buffers from `src_module` into `dst_module` by name.
-
-    Tensors are matched by their names in `named_parameters()` /
-    `named_buffers()`; shapes must agree. With `require_all=True` every
-    tensor of `dst_module` must have a source.
-    """
+    """Copy parameters and buffers by name (every one with `require_all`)."""
     src_tensors = dict(named_params_and_buffers(src_module))
     for name, tensor in named_params_and_buffers(dst_module):
         if name not in src_tensors:
             if require_all:
-                raise ValueError(f'The source network has no tensor "{name}"; the two networks have different architectures.')
+                raise ValueError(f'The source network has no tensor "{name}"; its architecture differs.')
             continue
         src = src_tensors[name]
         if src.shape != tensor.shape:
-            raise ValueError(f'Tensor "{name}" has shape {tuple(src.shape)} in the source and {tuple(tensor.shape)} in the destination; the two networks have different architectures.')
+            raise ValueError(f'"{name}" has shape {tuple(src.shape)} in the source but {tuple(tensor.shape)} here.')
         tensor.copy_(src.detach()).requires_grad_(tensor.requires_grad)
 
 #----------------------------------------------------------------------------
-# DDP helpers.
 
 def unwrap_module(module):
-    """The network inside DistributedDataParallel and compiled wrappers (`_orig_mod`), or the module itself."""
+    """The network inside DDP and torch.compile wrappers."""
     while True:
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):
             module = module.module
@@ -185,9 +144,7 @@ def unwrap_module(module):
 
 @contextlib.contextmanager
 def ddp_sync(module, sync):
-    """Inside the block, a DDP module synchronises gradients only when `sync`."""
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(f'Expected a torch.nn.Module, got {type(module).__name__}.')
+    assert isinstance(module, torch.nn.Module)
     if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
         yield
     else:
@@ -195,10 +152,8 @@ def ddp_sync(module, sync):
             yield
 
 def check_ddp_consistency(module, ignore_regex=None):
-    """Raise if any parameter or buffer differs between rank 0 and this rank.
-    Every tensor is compared before raising, so all ranks stay in step."""
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(f'Expected a torch.nn.Module, got {type(module).__name__}.')
+    """Raise if any parameter or buffer differs between rank 0 and this rank."""
+    assert isinstance(module, torch.nn.Module)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     differing = []
@@ -219,14 +174,9 @@ def check_ddp_consistency(module, ignore_regex=None):
 #----------------------------------------------------------------------------
 
 def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
-    """Print a table of submodules with parameter/buffer counts and output shapes,
-    running `module(*inputs)` once to record the shapes. Returns the outputs."""
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(f'Expected a torch.nn.Module, got {type(module).__name__}.')
-    if isinstance(module, torch.jit.ScriptModule):
-        raise ValueError('print_module_summary() cannot trace a TorchScript module.')
-    if not isinstance(inputs, (tuple, list)):
-        raise ValueError('print_module_summary() needs the inputs as a tuple or list.')
+    """Print the parameter counts and output shapes of the submodules in `module(*inputs)`; return its outputs."""
+    assert isinstance(module, torch.nn.Module) and not isinstance(module, torch.jit.ScriptModule)
+    assert isinstance(inputs, (tuple, list))
 
     entries = []
     nesting = [0]

@@ -1,18 +1,5 @@
-"""Pickles that carry the source code of their classes.
-
-An object of a class decorated with `persistent_class` pickles as a call of
-`_reconstruct_persistent_obj(meta)` with
-
-    meta = dict(type='class', version=6, module_src=<source of the defining
-                module>, class_name=<name>, state=<instance state>)
-
-Unpickling executes `module_src` as a fresh module (once per distinct source
-text), looks the class up in it, creates the object without calling
-`__init__` and restores its state. This is the format of the snapshots of the
-published EDM and EDM2 code, so those load here, and the pickles written here
-load there. The constructor arguments are kept as `init_args` / `init_kwargs`,
-unless the constructor sets `self._record_init_args = False` (as in EDM2).
-"""
+"""Pickles that carry the source code of their classes, in EDM's and EDM2's format: an instance pickles as
+`_reconstruct_persistent_obj(meta)`, meta = dict(type='class', version=6, module_src, class_name, state)."""
 
 import copy
 import inspect
@@ -27,24 +14,18 @@ import dnnlib
 _version            = 6         # Format version written into every pickle.
 _decorators         = set()     # Every decorated class.
 _import_hooks       = []        # Callables applied to `meta` before loading.
-_module_to_src_dict = dict()    # Module object -> its source text.
-_src_to_module_dict = dict()    # Source text -> module object.
+_module_to_src_dict = dict()
+_src_to_module_dict = dict()
 
 #----------------------------------------------------------------------------
 
 def persistent_class(orig_class):
-    """Class decorator: pickled instances embed the source of the defining module.
-
-    The module must be importable as `sys.modules[orig_class.__module__]`
-    and its source available through `inspect`, or it must itself have
-    been created from a pickle. Applying the decorator twice is harmless.
-    """
-    if not isinstance(orig_class, type):
-        raise ValueError(f'persistent_class() decorates classes only, not {orig_class!r}.')
+    """Class decorator: pickled instances embed the source of the defining module and keep `init_args`, `init_kwargs`
+    (unless the constructor sets `self._record_init_args = False`)."""
+    assert isinstance(orig_class, type)
     if is_persistent(orig_class):
         return orig_class
-    if orig_class.__module__ not in sys.modules:
-        raise ValueError(f'The module "{orig_class.__module__}" of {orig_class.__name__} is not imported; import it before decorating.')
+    assert orig_class.__module__ in sys.modules
     orig_module = sys.modules[orig_class.__module__]
     orig_module_src = _module_to_src(orig_module)
 
@@ -60,15 +41,11 @@ def persistent_class(orig_class):
 
         @property
         def init_args(self):
-            if self._init_args is None:
-                raise ValueError(f'{type(self).__name__} was built with _record_init_args = False, so it kept no init_args; construct it without that flag.')
-            return copy.deepcopy(self._init_args)
+            return _recorded(self, self._init_args, 'init_args')
 
         @property
         def init_kwargs(self):
-            if self._init_kwargs is None:
-                raise ValueError(f'{type(self).__name__} was built with _record_init_args = False, so it kept no init_kwargs; construct it without that flag.')
-            return dnnlib.EasyDict(copy.deepcopy(self._init_kwargs))
+            return dnnlib.EasyDict(_recorded(self, self._init_kwargs, 'init_kwargs'))
 
         def __reduce__(self):
             fields = list(super().__reduce__())
@@ -88,6 +65,11 @@ def persistent_class(orig_class):
     _decorators.add(Decorator)
     return Decorator
 
+def _recorded(obj, value, what):
+    if value is None:
+        raise ValueError(f'{type(obj).__name__} was built with _record_init_args = False and kept no {what}.')
+    return copy.deepcopy(value)
+
 #----------------------------------------------------------------------------
 
 def is_persistent(obj):
@@ -99,14 +81,9 @@ def is_persistent(obj):
         pass
     return type(obj) in _decorators
 
-#----------------------------------------------------------------------------
-
 def import_hook(hook):
-    """Register `hook(meta) -> meta`, called on every persistent object as it
-    is unpickled, before its module source is executed. A hook can patch the
-    source of old pickles. `meta` is an EasyDict with the fields above."""
-    if not callable(hook):
-        raise ValueError(f'import_hook() needs a callable, not {hook!r}.')
+    """Register `hook(meta) -> meta`, applied to every persistent object before loading."""
+    assert callable(hook)
     _import_hooks.append(hook)
 
 #----------------------------------------------------------------------------
@@ -117,16 +94,15 @@ def _reconstruct_persistent_obj(meta):
     meta.state = dnnlib.EasyDict(meta.state) if meta.get('state') is not None else None
     for hook in _import_hooks:
         meta = hook(meta)
-        if meta is None:
-            raise ValueError('A persistence import hook returned None; it must return the (possibly modified) meta.')
+        assert meta is not None
     if meta.type != 'class':
         raise ValueError(f'Unsupported persistent object type "{meta.type}" in the pickle.')
     if meta.version > _version:
-        raise ValueError(f'The pickle uses persistence format version {meta.version}, newer than this code ({_version}); update the repository.')
+        raise ValueError(f'The pickle has persistence version {meta.version} (newer than {_version}); update the code.')
 
     module = _src_to_module(meta.module_src)
     if meta.class_name not in module.__dict__:
-        raise ValueError(f'The pickle names class "{meta.class_name}", which its embedded source does not define.')
+        raise ValueError(f'The pickle names class "{meta.class_name}", which its embedded source lacks.')
     decorator_class = persistent_class(module.__dict__[meta.class_name])
     obj = decorator_class.__new__(decorator_class)
     if meta.state is not None:
@@ -138,7 +114,6 @@ def _reconstruct_persistent_obj(meta):
     return obj
 
 def _module_to_src(module):
-    """Source text of a module, as it was when first needed."""
     src = _module_to_src_dict.get(module, None)
     if src is None:
         src = inspect.getsource(module)
@@ -147,7 +122,6 @@ def _module_to_src(module):
     return src
 
 def _src_to_module(src):
-    """A module created by executing `src`; one module per distinct source."""
     module = _src_to_module_dict.get(src, None)
     if module is None:
         module_name = '_imported_module_' + uuid.uuid4().hex

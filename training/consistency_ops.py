@@ -1,31 +1,4 @@
-"""Building blocks of multistep consistency distillation in EDM space
-(docs: cd-spec sections 2, 3 and 5).
-
-* One-step maps: `ddim_step`, `inverse_ddim` (with its gain) and the
-  teacher's `heun_hop`, all computed in a stated float dtype (float32 by
-  default, float64 on request) whatever precision the networks run in.
-* Grids: the Karras grid and the student layouts come from
-  `training.samplers` (`karras_sigmas`, `student_sigmas`); this module adds
-  the teacher grid of a target edge count T (`teacher_sigmas`), its
-  sigma-anchored segmentation (`segment_edges`) and the per-edge tables of a
-  training draw (`TeacherGrid`, cached per T by `TeacherGridCache`).
-* Edge sampling: `edge_probs` for `uniform | vp | edm` with the optional
-  terminal anchor; `TeacherGrid.sample` draws a batch of edges at once.
-* Annealing: `anneal_T` maps the number of images seen to the edge count.
-
-Decisions where the spec is silent:
-* Teacher nodes that `round_sigma` maps onto an equal or larger value than
-  their predecessor are dropped as duplicates, so the grid stays strictly
-  descending; the student-sigma filter (relative tolerance 1e-5) spares the
-  first node and the last positive one.
-* Comparisons of teacher nodes with student sigmas use the same relative
-  tolerance, so a teacher node within 1e-5 of a student sigma counts as lying
-  on it (it belongs to the segment below and a hop that reaches it is a
-  boundary hop).
-* `TeacherGridCache` keeps the grids of the few most recent T only: T grows
-  monotonically during training, so older grids are not needed again, and
-  thousands of distinct T over an annealing run would otherwise pile up.
-"""
+"""Consistency distillation's hops, teacher grid and segments, edge sampling and T annealing (docs/cd-spec.md)."""
 
 import numpy as np
 import torch
@@ -33,15 +6,14 @@ import torch
 from training.samplers import karras_sigmas, student_sigmas, check_student_sigmas
 
 #----------------------------------------------------------------------------
-# Constants.
 
-TERMINAL        = 0         # Case of an edge ending at sigma = 0: the reference is the clean image.
-BOUNDARY        = 1         # Case of an edge whose teacher hop reaches the segment boundary.
-GENERAL         = 2         # Case of an edge ending strictly above the boundary: the target network bridges the rest.
+TERMINAL        = 0         # Edge ending at sigma = 0.
+BOUNDARY        = 1         # Edge whose teacher hop reaches the segment boundary.
+GENERAL         = 2         # Edge ending above the boundary: the target network bridges the rest.
 CASE_NAMES      = ('terminal', 'boundary', 'general')
 SAMPLING_MODES  = ('uniform', 'vp', 'edm')
 ANNEAL_MODES    = ('geometric', 'linear')
-SIGMA_RTOL      = 1e-5      # Relative tolerance for "this teacher node is a student sigma".
+SIGMA_RTOL      = 1e-5      # Relative tolerance of "a teacher node is a student sigma".
 
 #----------------------------------------------------------------------------
 # One-step maps (cd-spec section 2).
@@ -49,86 +21,50 @@ SIGMA_RTOL      = 1e-5      # Relative tolerance for "this teacher node is a stu
 def expand_sigma(sigma, x):
     """Per-sample noise levels [N] (or a scalar) shaped to broadcast against x [N, ...], in x's dtype."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-    if sigma.ndim == 0:
-        return sigma
-    return sigma.reshape([-1] + [1] * (x.ndim - 1))
+    return sigma if sigma.ndim == 0 else sigma.reshape([-1] + [1] * (x.ndim - 1))
 
 def ddim_step(x_hat, x_a, sigma_a, sigma_b, dtype=torch.float32):
-    """DDIM / Euler step sigma_a -> sigma_b for the x-prediction x_hat:
-    x_b = x_hat + (sigma_b / sigma_a) (x_a - x_hat). Requires sigma_a > 0."""
-    x_hat = x_hat.to(dtype)
-    x_a = x_a.to(dtype)
+    """DDIM (Euler) step sigma_a -> sigma_b: x_hat + (sigma_b / sigma_a) (x_a - x_hat). Requires sigma_a > 0."""
+    x_hat, x_a = x_hat.to(dtype), x_a.to(dtype)
     ratio = expand_sigma(sigma_b, x_a) / expand_sigma(sigma_a, x_a)
     return x_hat + ratio * (x_a - x_hat)
 
 def inverse_ddim(x_ref, x_t, sigma_t, sigma_ref, dtype=torch.float32):
-    """The x-prediction with which DDIM from (x_t, sigma_t) lands on x_ref at sigma_ref.
-
-    x_hat* = (x_ref - r x_t) / (1 - r) with r = sigma_ref / sigma_t, which
-    requires 0 <= sigma_ref < sigma_t (the caller guarantees it; the grids of
-    this module do). Returns (x_hat*, gain) with gain = 1 / (1 - r) per sample.
-    """
-    x_ref = x_ref.to(dtype)
-    x_t = x_t.to(dtype)
-    r = torch.as_tensor(sigma_ref, dtype=dtype, device=x_t.device) / torch.as_tensor(sigma_t, dtype=dtype, device=x_t.device)
+    """(x_hat*, gain): the prediction with which DDIM from (x_t, sigma_t) lands on x_ref at sigma_ref, 1 / (1 - r)."""
+    x_ref, x_t = x_ref.to(dtype), x_t.to(dtype)
+    sigma_ref, sigma_t = (torch.as_tensor(v, dtype=dtype, device=x_t.device) for v in (sigma_ref, sigma_t))
+    r = sigma_ref / sigma_t
     gain = 1 / (1 - r)
-    r_x = expand_sigma(r, x_t)
-    return (x_ref - r_x * x_t) * expand_sigma(gain, x_t), gain
+    return (x_ref - expand_sigma(r, x_t) * x_t) * expand_sigma(gain, x_t), gain
 
 def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
-    """The teacher's deterministic Heun hop sigma_a -> sigma_b, per sample.
-
-    `denoise(x, sigma)` evaluates the teacher on x [n, ...] at the noise
-    levels sigma [n]; every call covers the whole batch, so that the shapes
-    are fixed. Samples with sigma_b = 0 take the
-    Euler step x_b = D(x_a; sigma_a): the second evaluation sees them at
-    (x_a, sigma_a) and its result is discarded, so the teacher is never
-    evaluated at sigma = 0. All arithmetic is in `dtype`.
-    """
+    """The teacher's Heun hop sigma_a -> sigma_b per sample (Euler where sigma_b = 0), denoising the whole batch."""
     x_a = x_a.to(dtype)
-    sigma_a = torch.as_tensor(sigma_a, dtype=dtype, device=x_a.device).expand(x_a.shape[0])
-    sigma_b = torch.as_tensor(sigma_b, dtype=dtype, device=x_a.device).expand(x_a.shape[0])
-    sa = expand_sigma(sigma_a, x_a)
-    sb = expand_sigma(sigma_b, x_a)
+    sigma_a, sigma_b = (torch.as_tensor(v, dtype=dtype, device=x_a.device).expand(len(x_a)) for v in (sigma_a, sigma_b))
+    sa, sb = expand_sigma(sigma_a, x_a), expand_sigma(sigma_b, x_a)
     k1 = (x_a - denoise(x_a, sigma_a).to(dtype)) / sa
     x_e = x_a + (sb - sa) * k1
     positive = sb > 0
     sigma_2 = torch.where(sigma_b > 0, sigma_b, sigma_a)
     x_2 = torch.where(positive, x_e, x_a)
     k2 = (x_2 - denoise(x_2, sigma_2).to(dtype)) / expand_sigma(sigma_2, x_a)
-    return torch.where(positive, x_a + (sb - sa) * ((k1 + k2) / 2), x_e) # For sigma_b = 0 the Euler step lands on D(x_a; sigma_a).
+    return torch.where(positive, x_a + (sb - sa) * ((k1 + k2) / 2), x_e)
 
 def make_denoiser(net, labels=None, augment_labels=None):
-    """Wrap an EDM-style network as the `denoise(x, sigma)` callable of `heun_hop`, for a whole batch
-    with its labels and augmentation labels."""
-    def denoise(x, sigma):
-        if augment_labels is None:
-            return net(x, sigma, labels)
-        return net(x, sigma, labels, augment_labels=augment_labels)
-    return denoise
+    """An EDM-style network as the `denoise(x, sigma)` of `heun_hop`, with the batch's labels and augment labels."""
+    kwargs = {} if augment_labels is None else dict(augment_labels=augment_labels)
+    return lambda x, sigma: net(x, sigma, labels, **kwargs)
 
 #----------------------------------------------------------------------------
 # Teacher grid and sigma-anchored segments (cd-spec section 3).
 
-def _grid_text(sigmas):
-    return '[' + ', '.join(f'{float(v):.6g}' for v in sigmas) + ']'
-
 def teacher_sigmas(T, student, sigma_min=0.002, sigma_max=80, rho=7, round_sigma=None, rtol=SIGMA_RTOL):
-    """The teacher grid for a target edge count T against the student grid `student` (S + 1 values).
-
-    A Karras grid of N >= T nodes (float64, through `round_sigma`) from which
-    every node except the first and the last equal to an interior student
-    sigma (within `rtol`) is removed, plus a final 0; N is the smallest
-    count >= T that leaves at least T edges. Returns a float64 tensor sigma^t_0 > ... > sigma^t_T' = 0.
-    """
-    T = int(T)
-    if T < 1:
-        raise ValueError(f'T={T} is invalid: the teacher grid needs at least 1 edge.')
-    student = check_student_sigmas(student)
-    interior = student[1:-1]
-    num_nodes = T
+    """The smallest Karras grid keeping T' >= T edges once repeats and inner nodes on a student sigma are removed."""
+    num_nodes = T = int(T)
+    assert T >= 1
+    interior = check_student_sigmas(student)[1:-1]
     while True:
-        nodes = karras_sigmas(num_nodes, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, round_sigma=round_sigma)
+        nodes = karras_sigmas(num_nodes, sigma_min, sigma_max, rho, round_sigma)
         keep = torch.ones(len(nodes), dtype=torch.bool)
         keep[1:] = nodes[1:] < nodes[:-1] # Rounding may produce repeats.
         if len(interior) > 0 and len(nodes) > 2:
@@ -140,62 +76,40 @@ def teacher_sigmas(T, student, sigma_min=0.002, sigma_max=80, rho=7, round_sigma
         num_nodes += 1
 
 def segment_edges(teacher, student, T=None, rtol=SIGMA_RTOL):
-    """Segment index j of every teacher edge: the one whose interval
-    (sigma^s_{j+1}, sigma^s_j] holds the edge's upper sigma (sigma-anchored).
-    Raises ValueError, naming S, T and the grids, when a segment holds no edge."""
+    """Segment j of every teacher edge, the one whose (sigma^s_{j+1}, sigma^s_j] holds its upper sigma."""
     teacher = torch.as_tensor(teacher, dtype=torch.float64).cpu()
     student = check_student_sigmas(student)
     S = len(student) - 1
-    upper = teacher[:-1]
-    seg = (student[None, 1:] >= upper[:, None] * (1 - rtol)).sum(dim=1)
-    counts = torch.bincount(seg, minlength=S)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if len(empty) > 0:
-        T_text = f'T={T}' if T is not None else f'T={len(teacher) - 1}'
-        raise ValueError(f'With S={S}, {T_text} (teacher grid {_grid_text(teacher)}) and student grid {_grid_text(student)}, '
-            f'segment(s) {empty} hold no teacher edge; raise T (T_start) or spread the student sigmas further apart.')
+    seg = (student[None, 1:] >= teacher[:-1, None] * (1 - rtol)).sum(dim=1)
+    empty = (torch.bincount(seg, minlength=S) == 0).nonzero().flatten().tolist()
+    if empty:
+        text = lambda sigmas: '[' + ', '.join(f'{float(v):.6g}' for v in sigmas) + ']'
+        raise ValueError(f'With S={S}, T={len(teacher) - 1 if T is None else T} (teacher grid {text(teacher)}) and '
+            f'student grid {text(student)}, segment(s) {empty} hold no teacher edge; '
+            f'raise T (T_start) or spread the student sigmas further apart.')
     return seg
 
 def edge_probs(sigma_t, seg, S, mode='vp', rho=7, terminal_anchor=True, terminal_prob=None, P_mean=-1.2, P_std=1.2):
-    """Probability of drawing each teacher edge (cd-spec section 5), float64 [T'].
-
-    `sigma_t` are the upper sigmas of the edges (the last edge is the terminal
-    one), `seg` their segments. `uniform`: a segment uniformly, then an edge
-    uniformly inside it. `vp`: weights sigma^(1 - 1/rho) / (1 + sigma^2).
-    `edm`: weights sigma^(-1/rho) exp(-(ln sigma - P_mean)^2 / (2 P_std^2)).
-    With `terminal_anchor` the terminal edge gets `terminal_prob` (None: 1/T')
-    and the other edges share the rest in proportion to their weights.
-    """
+    """The float64 probability of each teacher edge under `mode` (the last one `terminal_prob` if `terminal_anchor`)."""
     sigma_t = torch.as_tensor(sigma_t, dtype=torch.float64).cpu()
     seg = torch.as_tensor(seg).cpu()
-    num_edges = len(sigma_t)
     if mode == 'uniform':
         counts = torch.bincount(seg, minlength=S).to(torch.float64)
         weights = 1 / (S * counts[seg])
     elif mode == 'vp':
         weights = sigma_t ** (1 - 1 / rho) / (1 + sigma_t ** 2)
-    elif mode == 'edm':
-        weights = sigma_t ** (-1 / rho) * torch.exp(-(sigma_t.log() - P_mean) ** 2 / (2 * P_std ** 2))
     else:
-        raise ValueError(f'sampling_mode="{mode}" is unknown; use one of {", ".join(SAMPLING_MODES)}.')
-    if terminal_prob is not None and not 0 < terminal_prob < 1:
-        raise ValueError(f'terminal_prob={terminal_prob:g} is outside (0, 1); pass a probability strictly between 0 and 1, or leave it out for 1/T\'.')
-    if terminal_anchor and num_edges > 1:
-        p_term = 1 / num_edges if terminal_prob is None else float(terminal_prob)
+        assert mode == 'edm'
+        weights = sigma_t ** (-1 / rho) * torch.exp(-(sigma_t.log() - P_mean) ** 2 / (2 * P_std ** 2))
+    assert terminal_prob is None or 0 < terminal_prob < 1
+    if terminal_anchor and len(sigma_t) > 1:
+        p_term = 1 / len(sigma_t) if terminal_prob is None else float(terminal_prob)
         rest = weights[:-1] / weights[:-1].sum()
         return torch.cat([rest * (1 - p_term), torch.tensor([p_term], dtype=torch.float64)])
     return weights / weights.sum()
 
 class TeacherGrid:
-    """Per-edge tables of one teacher grid, for vectorised training draws.
-
-    For edge k (sigma^t_k -> sigma^t_{k+1}) in segment j with boundary
-    sigma_b = sigma^s_{j+1}: `sigma_t` = sigma^t_k; `sigma_s` = the end of
-    the teacher hop, max(sigma^t_{k+1}, sigma_b) (0 for the terminal edge);
-    `sigma_ref` = sigma_b (0 for the terminal edge); `case` = TERMINAL,
-    BOUNDARY or GENERAL; `gain` = 1 / (1 - sigma_ref / sigma_t); `probs` =
-    the sampling probabilities. All float64 except `seg` and `case` (int64).
-    """
+    """Per-edge tables of one teacher grid: seg, case, sigma_t, sigma_s (hop end), sigma_ref (boundary), gain, probs."""
 
     def __init__(self,
         T,                          # Target edge count; the grid has T' >= T edges.
@@ -212,28 +126,27 @@ class TeacherGrid:
         self.T = int(T)
         self.student = check_student_sigmas(student)
         self.S = len(self.student) - 1
-        self.sigmas = teacher_sigmas(self.T, self.student, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, round_sigma=round_sigma)
+        self.sigmas = teacher_sigmas(self.T, self.student, sigma_min, sigma_max, rho, round_sigma)
         self.num_edges = len(self.sigmas) - 1
         seg = segment_edges(self.sigmas, self.student, T=self.T)
         upper, lower = self.sigmas[:-1], self.sigmas[1:]
         sigma_b = self.student[seg + 1]
         case = torch.where(lower <= sigma_b * (1 + SIGMA_RTOL), BOUNDARY, GENERAL)
         case[-1] = TERMINAL
-        sigma_s = torch.where(case == GENERAL, lower, sigma_b)
-        sigma_s[-1] = 0
-        sigma_ref = sigma_b.clone()
-        sigma_ref[-1] = 0
-        if not bool((sigma_ref < upper).all()):
-            raise ValueError(f'The teacher grid {_grid_text(self.sigmas)} puts an edge on a student boundary it starts from; this is a bug.')
-        probs = edge_probs(upper, seg, self.S, mode=sampling_mode, rho=rho, terminal_anchor=terminal_anchor, terminal_prob=terminal_prob)
+        sigma_s, sigma_ref = torch.where(case == GENERAL, lower, sigma_b), sigma_b.clone()
+        sigma_s[-1] = sigma_ref[-1] = 0
+        assert bool((sigma_ref < upper).all())
+        probs = edge_probs(upper, seg, self.S, sampling_mode, rho, terminal_anchor, terminal_prob)
         tables = dict(seg=seg, case=case, sigma_t=upper, sigma_s=sigma_s, sigma_ref=sigma_ref,
             gain=1 / (1 - sigma_ref / upper), probs=probs)
         self.device = torch.device(device)
-        for name, value in tables.items(): # Built on the host; copied without blocking, so that a new T costs a step no host synchronisation.
-            setattr(self, name, value.pin_memory().to(self.device, non_blocking=True) if self.device.type == 'cuda' else value.to(self.device))
+        cuda = self.device.type == 'cuda'
+        for name, value in tables.items(): # Without blocking: a new T needs no host synchronisation.
+            value = value.pin_memory().to(self.device, non_blocking=True) if cuda else value.to(self.device)
+            setattr(self, name, value)
 
     def sample(self, n, generator=None):
-        """Indices of n edges drawn independently from `probs` (int64 [n], on the grid's device)."""
+        """n edge indices drawn from `probs` with replacement (int64, on the grid's device)."""
         return torch.multinomial(self.probs, int(n), replacement=True, generator=generator)
 
 class TeacherGridCache:
@@ -255,51 +168,32 @@ class TeacherGridCache:
         return grid
 
 #----------------------------------------------------------------------------
-# Edge-count annealing (cd-spec section 6).
+# Edge-count annealing (cd-spec section 6) and the student grid of the loss options.
 
 def anneal_T(cur_nimg, T_start=64, T_end=1280, T_anneal_kimg=10000, mode='geometric'):
-    """Teacher edge count after `cur_nimg` training images: from T_start
-    (0 images) to T_end (T_anneal_kimg thousand images and beyond),
-    geometrically or linearly in between, rounded to the nearest integer."""
-    if mode not in ANNEAL_MODES:
-        raise ValueError(f'T_anneal="{mode}" is unknown; use one of {", ".join(ANNEAL_MODES)}.')
-    if int(T_start) < 1 or int(T_end) < 1:
-        raise ValueError(f'T_start={T_start}, T_end={T_end} are invalid: both must be at least 1.')
-    if T_anneal_kimg <= 0:
-        frac = 1.0
-    else:
-        frac = float(np.clip(cur_nimg / (T_anneal_kimg * 1000), 0, 1))
-    if mode == 'geometric':
-        T = T_start * (T_end / T_start) ** frac
-    else:
-        T = T_start + frac * (T_end - T_start)
+    """Teacher edge count after `cur_nimg` images, from T_start to T_end over T_anneal_kimg (`mode`), rounded."""
+    assert mode in ANNEAL_MODES and int(T_start) >= 1 and int(T_end) >= 1
+    frac = 1.0 if T_anneal_kimg <= 0 else float(np.clip(cur_nimg / (T_anneal_kimg * 1000), 0, 1))
+    T = T_start * (T_end / T_start) ** frac if mode == 'geometric' else T_start + frac * (T_end - T_start)
     return int(np.clip(round(T), min(T_start, T_end), max(T_start, T_end)))
-
-#----------------------------------------------------------------------------
-# Student grid from the loss options.
 
 def parse_student_sigmas(text):
     """The `student_sigmas` option as text: a layout name, or the S - 1 interior sigmas as a list of floats."""
     if text in ('karras', 'karras_open'):
         return text
     try:
-        values = [float(part) for part in text.split(',') if part.strip()]
+        values = [float(part) for part in text.split(',')]
     except ValueError:
         values = []
     if not values or not all(np.isfinite(values)):
-        raise ValueError(f'student_sigmas={text} is neither karras, karras_open nor a comma-separated list of numbers; pass a layout name or the S-1 interior sigmas, e.g. 2.5,0.5,0.1.')
+        raise ValueError(f'student_sigmas={text} is neither karras, karras_open nor a comma-separated list of numbers; '
+            'pass a layout name or the S-1 interior sigmas, e.g. 2.5,0.5,0.1.')
     return values
 
 def build_student_sigmas(S, grid='karras', sigma_min=0.002, sigma_max=80, rho=7, round_sigma=None):
-    """Student grid from the `student_sigmas` option: 'karras', 'karras_open',
-    or a sequence (or comma-separated string) of the S - 1 interior sigmas."""
-    if isinstance(grid, str) and grid in ('karras', 'karras_open'):
-        return student_sigmas(S, layout=grid, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, round_sigma=round_sigma)
-    if isinstance(grid, str):
-        try:
-            grid = [float(v) for v in grid.split(',') if v.strip() != '']
-        except ValueError:
-            raise ValueError(f'student_sigmas="{grid}" is invalid: use "karras", "karras_open" or a comma-separated list of the S - 1 interior sigmas.') from None
-    return student_sigmas(S, layout='explicit', interior=list(grid), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, round_sigma=round_sigma)
+    """Student grid of 'karras', 'karras_open' or the S - 1 interior sigmas (a sequence or comma-separated text)."""
+    grid = parse_student_sigmas(grid) if isinstance(grid, str) else list(grid)
+    layout, interior = (grid, None) if isinstance(grid, str) else ('explicit', grid)
+    return student_sigmas(S, layout, sigma_min, sigma_max, rho, interior, round_sigma)
 
 #----------------------------------------------------------------------------

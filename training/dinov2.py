@@ -1,19 +1,12 @@
-"""DINOv2's vision transformer (Oquab et al. 2023), for its image features.
-
-The network of facebookresearch/dinov2 as far as its features need it: patch
-embedding, class token, learned position embedding (interpolated bicubically
-to the input's patch grid, with DINOv2's offset of 0.1), pre-norm blocks with
-LayerScale, and the final LayerNorm; the features are the normalized class
-token, what `model(x)` of the published ViT-L/14 returns. Parameter names are
-those of the published state dicts, whose shapes give the configuration.
-"""
+"""DINOv2's vision transformer (Oquab et al. 2023) as far as `model(x)` of facebookresearch/dinov2 needs it
+(the normalized class token), with the parameter names of the published state dicts."""
 
 import re
 
 import torch
 
-HEAD_DIM = 64               # Channels per attention head in every published DINOv2 ViT.
-INTERPOLATE_OFFSET = 0.1    # DINOv2's offset of the patch grid when it interpolates the position embedding.
+HEAD_DIM = 64               # Channels per attention head of every published DINOv2.
+INTERPOLATE_OFFSET = 0.1    # DINOv2's offset of the patch grid in interpolating the position embedding.
 
 #----------------------------------------------------------------------------
 
@@ -85,7 +78,7 @@ class VisionTransformer(torch.nn.Module):
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = torch.nn.Parameter(torch.zeros(1, grid_size ** 2 + 1, embed_dim))
-        self.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim)) # Used in training only; part of the state dict.
+        self.mask_token = torch.nn.Parameter(torch.zeros(1, embed_dim)) # Unused, but in the state dict.
         self.blocks = torch.nn.ModuleList([Block(embed_dim, num_heads, hidden_dim) for _ in range(depth)])
         self.norm = torch.nn.LayerNorm(embed_dim, eps=1e-6)
 
@@ -111,15 +104,18 @@ class VisionTransformer(torch.nn.Module):
         return self.norm(x)[:, 0]
 
 def from_state_dict(state, name='DINOv2'):
-    """The VisionTransformer of a published DINOv2 state dict, in evaluation mode; a ValueError if it is not one."""
+    """The VisionTransformer of a published DINOv2 state dict, in evaluation mode."""
     try:
         dim = state['cls_token'].shape[-1]
-        depth = len({int(m.group(1)) for key in state for m in [re.fullmatch(r'blocks\.(\d+)\.norm1\.weight', key)] if m})
-        net = VisionTransformer(embed_dim=dim, depth=depth, num_heads=dim // HEAD_DIM, hidden_dim=state['blocks.0.mlp.fc1.weight'].shape[0],
-            patch_size=state['patch_embed.proj.weight'].shape[-1], grid_size=int(round((state['pos_embed'].shape[1] - 1) ** 0.5)))
+        blocks = [re.fullmatch(r'blocks\.(\d+)\.norm1\.weight', key) for key in state]
+        depth = len({int(m.group(1)) for m in blocks if m})
+        net = VisionTransformer(embed_dim=dim, depth=depth, num_heads=dim // HEAD_DIM,
+            hidden_dim=state['blocks.0.mlp.fc1.weight'].shape[0], patch_size=state['patch_embed.proj.weight'].shape[-1],
+            grid_size=int(round((state['pos_embed'].shape[1] - 1) ** 0.5)))
         net.load_state_dict(state, strict=True)
     except (KeyError, AttributeError, TypeError, RuntimeError) as err:
-        raise ValueError(f'{name} is not the state dict of a DINOv2 vision transformer ({type(err).__name__}: {str(err).splitlines()[0]}); pass the published dinov2_vitl14_pretrain.pth.') from err
+        raise ValueError(f'{name} is not the state dict of a DINOv2 vision transformer ({type(err).__name__}: '
+            f'{str(err).splitlines()[0]}); pass the published dinov2_vitl14_pretrain.pth.') from err
     return net.eval().requires_grad_(False)
 
 #----------------------------------------------------------------------------

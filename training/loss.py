@@ -1,27 +1,18 @@
-"""Denoising score matching losses of EDM (Karras et al. 2022, Table 1) and EDM2
-(Karras et al. 2024).
-
-Each loss draws one noise level per image from its training distribution,
-optionally augments the clean images, and returns the per-element loss
-`weight(sigma) * (D(y + n; sigma) - y)^2` with `n ~ N(0, sigma^2 I)`; the
-caller reduces it. The EDM2 loss also divides by the network's learned
-uncertainty exp(u(sigma)) and adds u(sigma).
-"""
+"""The per-element denoising losses of EDM (Table 1) and EDM2: weight(sigma) * (D(y + n; sigma) - y)^2."""
 
 import torch
 from torch_utils import persistence
 
 #----------------------------------------------------------------------------
 
-def _noisy_denoising_error(net, images, labels, sigma, weight, augment_pipe):
-    """weight * (D(y + n; sigma) - y)^2 for the (optionally augmented) images y."""
-    if augment_pipe is not None:
-        y, augment_labels = augment_pipe(images)
-    else:
-        y, augment_labels = images, None
-    n = torch.randn_like(y) * sigma
-    D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
-    return weight * ((D_yn - y) ** 2)
+def _noisy(images, sigma, augment_pipe):
+    """The (optionally augmented) images y, their augment labels and y + n, n ~ N(0, sigma^2 I)."""
+    y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+    return y, augment_labels, y + torch.randn_like(y) * sigma
+
+def _edm_error(net, images, labels, sigma, weight, augment_pipe):
+    y, augment_labels, yn = _noisy(images, sigma, augment_pipe)
+    return weight * ((net(yn, sigma, labels, augment_labels=augment_labels) - y) ** 2)
 
 @persistence.persistent_class
 class VPLoss:
@@ -32,15 +23,12 @@ class VPLoss:
         beta_min    = 0.1,      # Initial slope of the noise schedule.
         epsilon_t   = 1e-5,     # Smallest t used in training.
     ):
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.epsilon_t = epsilon_t
+        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
         sigma = self.sigma(1 + rnd_uniform * (self.epsilon_t - 1))
-        weight = 1 / sigma ** 2
-        return _noisy_denoising_error(net, images, labels, sigma, weight, augment_pipe)
+        return _edm_error(net, images, labels, sigma, 1 / sigma ** 2, augment_pipe)
 
     def sigma(self, t):
         """Noise level at time t of the VP schedule."""
@@ -55,17 +43,15 @@ class VELoss:
         sigma_min   = 0.02,     # Smallest noise level.
         sigma_max   = 100,      # Largest noise level.
     ):
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         rnd_uniform = torch.rand([images.shape[0], 1, 1, 1], device=images.device)
         sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** rnd_uniform)
-        weight = 1 / sigma ** 2
-        return _noisy_denoising_error(net, images, labels, sigma, weight, augment_pipe)
+        return _edm_error(net, images, labels, sigma, 1 / sigma ** 2, augment_pipe)
 
 def _lognormal_sigma_and_edm_weight(images, P_mean, P_std, sigma_data):
-    """Per-image sigma with ln sigma ~ N(P_mean, P_std^2), and EDM's weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+    """Per-image sigma with ln sigma ~ N(P_mean, P_std^2) and EDM's weight."""
     sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * P_std + P_mean).exp()
     return sigma, (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
 
@@ -78,39 +64,28 @@ class EDMLoss:
         P_std       = 1.2,      # Standard deviation of ln sigma.
         sigma_data  = 0.5,      # Standard deviation of the training data.
     ):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         sigma, weight = _lognormal_sigma_and_edm_weight(images, self.P_mean, self.P_std, self.sigma_data)
-        return _noisy_denoising_error(net, images, labels, sigma, weight, augment_pipe)
-
-#----------------------------------------------------------------------------
+        return _edm_error(net, images, labels, sigma, weight, augment_pipe)
 
 @persistence.persistent_class
 class EDM2Loss:
-    """EDM2 loss: ln sigma ~ N(P_mean, P_std^2), EDM's weight lambda(sigma), and the
-    network's log-variance u(sigma): lambda(sigma) / exp(u) * (D - y)^2 + u."""
+    """EDM2 loss: EDM's, divided by exp(u) and plus u, u(sigma) the network's log-variance."""
 
     def __init__(self,
         P_mean      = -0.4,     # Mean of ln sigma.
         P_std       = 1.0,      # Standard deviation of ln sigma.
         sigma_data  = 0.5,      # Standard deviation of the training data.
     ):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         sigma, weight = _lognormal_sigma_and_edm_weight(images, self.P_mean, self.P_std, self.sigma_data)
-        if augment_pipe is not None:
-            y, augment_labels = augment_pipe(images)
-            net_kwargs = dict(augment_labels=augment_labels)
-        else:
-            y, net_kwargs = images, dict()
-        n = torch.randn_like(y) * sigma
-        D_yn, logvar = net(y + n, sigma, labels, return_logvar=True, **net_kwargs)
+        y, augment_labels, yn = _noisy(images, sigma, augment_pipe)
+        net_kwargs = dict() if augment_pipe is None else dict(augment_labels=augment_labels)
+        D_yn, logvar = net(yn, sigma, labels, return_logvar=True, **net_kwargs)
         return (weight / logvar.exp()) * ((D_yn - y) ** 2) + logvar
 
 #----------------------------------------------------------------------------

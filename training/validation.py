@@ -1,55 +1,8 @@
-"""In-training validation: the Fréchet distance of the network's own samples,
-once per run that of the teacher, and the teacher agreement of a consistency
-student.
+"""In-training validation: the Fréchet distance of the network's samples, once per run that of the teacher,
+and the teacher agreement of a consistency student (rules in docs/evaluation.md). `validate` is the training
+loop's `validation_fn`; `check_options` checks its options before training starts."""
 
-`validate` is the training loop's `validation_fn`, given as
-`dict(func_name='training.validation.validate', **options)`. It runs on all
-ranks; `check_options` does the cheap checks (detector, reference
-statistics) before training starts.
-
-Decisions where the issue is silent:
-* Sampler. A loss with `student_sigmas()` (consistency distillation) is
-  validated with the student's deterministic S-step sampler on that grid;
-  any other loss (EDM training) with the deterministic Heun sampler of
-  `heun_steps` steps. The teacher (`loss_fn.teacher`) always uses Heun.
-* Seeds and labels. Image i (0 <= i < num) has seed `seed + i`, its own
-  generator (latents exactly as generate.py draws them), and class
-  i % label_dim for a conditional network, so the images do not depend on
-  the number of ranks or the batch size. The images are generated in
-  consecutive blocks of `batch`, dealt to the ranks in turn: with the same
-  `batch`, every network call is the same whatever the number of ranks, and
-  the figures agree to float64 rounding. Another `batch` can change
-  float32 network outputs by about 1e-6 (other kernels), which may move a
-  rare pixel to the next uint8 level.
-* Features are taken of the images quantized as generate.py writes them;
-  for an unconditional network (generate.py draws random classes) `fid`
-  equals `fid.py calc` on generate.py's images of the same seeds. With the
-  pixel detector the figure is `fd_pixels`, never `fid`; with DINOv2 it is
-  `fd_dinov2`.
-* Agreement. Student and teacher images of the first `agree_num` seeds
-  (same latents and labels), clipped to [-1, 1], unquantized, float64:
-  `agree_rmse` = sqrt(MSE) over all their pixels, `agree_psnr` =
-  10 log10(2^2 / MSE) dB with the peak-to-peak range 2 of [-1, 1], which is
-  the same number as the PSNR of the unquantized images on the 0..255 scale.
-  The MSE is pooled over all pairs (not a mean of per-image PSNRs), so the
-  ranks' shares add up exactly. The teacher's images are kept in memory
-  (float32, CPU) after the first validation of a process. Skipped for EDM
-  training and for a loss without a teacher.
-* Reference statistics come from `ref` (an .npz, an EDM2-style .pkl, or a URL) or are computed
-  once from the dataset `ref_data` and kept in the run directory as
-  `val-ref-<detector>-<hash of detector and dataset path>.npz`. train.py
-  passes its training dataset as `ref_data` when neither is given; the
-  library itself asks for one. `num=0` turns the Fréchet distance off
-  (agreement only) and needs no detector or reference.
-* History. Every validation appends one JSON line to `metrics-val.jsonl` in
-  the run directory (rank 0). The teacher's figure is computed when no line
-  holds it yet; the snapshot is kept as `network-snapshot-best.pkl` when its
-  Fréchet distance is below every earlier one. With `resume_dir` (the run
-  directory of the resumed training state) its lines count as earlier ones
-  and its cached reference statistics are reused; the best snapshot of that
-  run stays in that directory until this run beats it.
-"""
-
+import glob
 import hashlib
 import inspect
 import json
@@ -64,7 +17,10 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import checkpoint
+from training import guidance
 from training import metrics
+from training import precision
 from training import samplers
 
 HISTORY_FILE    = 'metrics-val.jsonl'           # One JSON line per validation, in the run directory.
@@ -73,43 +29,41 @@ BEST_SNAPSHOT   = 'network-snapshot-best.pkl'   # The snapshot with the lowest F
 #----------------------------------------------------------------------------
 # Options.
 
-def _parse_options(num, seed, batch, ref, ref_data, detector, teacher, agree_num, heun_steps, grid_num, save_best, workers, resume_dir):
+def _parse_options(num, seed, batch, ref, ref_data, detector, teacher, agree_num, heun_steps, grid_num, save_best,
+        workers, resume_dir):
     """The options as an EasyDict; a ValueError names the first bad one."""
     for name, value, low in [('num', num, 0), ('seed', seed, 0), ('batch', batch, 1), ('agree_num', agree_num, 0),
             ('heun_steps', heun_steps, 1), ('grid_num', grid_num, 0), ('workers', workers, 0)]:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f'Validation option {name}={value!r} is invalid; pass a whole number of at least {low}.')
     if num == 1:
-        raise ValueError('Validation option num=1 is too small for feature statistics; pass num >= 2, or num=0 to skip the Fréchet distance.')
+        raise ValueError('Validation option num=1 is too small for feature statistics; '
+            'pass num >= 2, or num=0 to skip the Fréchet distance.')
     if num == 0 and agree_num == 0:
-        raise ValueError('Validation with num=0 and agree_num=0 computes nothing; pass a positive num (Fréchet distance) or agree_num (teacher agreement), or turn validation off.')
+        raise ValueError('Validation with num=0 and agree_num=0 computes nothing; pass a positive num (Fréchet '
+            'distance) or agree_num (teacher agreement), or turn validation off.')
     if ref is not None and ref_data is not None:
-        raise ValueError(f'Validation got both ref="{ref}" and ref_data="{ref_data}"; pass only one source of reference statistics.')
+        raise ValueError(f'Validation got both ref="{ref}" and ref_data="{ref_data}"; '
+            'pass only one source of reference statistics.')
     if num > 0 and ref is None and ref_data is None:
-        raise ValueError(f'Validation with num={num} needs reference statistics; pass ref=NPZ|URL (--val_ref) or ref_data=DATASET (--val_ref_data), or num=0 for the teacher agreement alone.')
+        raise ValueError(f'Validation with num={num} needs reference statistics; pass a statistics file or URL (ref) '
+            'or the dataset to compute them from (ref_data), or num=0 for the teacher agreement alone.')
     detector = metrics.detector_name(metrics.INCEPTION_NAME if detector is None else detector)
-    return dnnlib.EasyDict(num=int(num), seed=int(seed), batch=int(batch), ref=ref, ref_data=ref_data, detector=detector,
-        teacher=bool(teacher), agree_num=int(agree_num), heun_steps=int(heun_steps), grid_num=int(grid_num),
-        save_best=bool(save_best), workers=int(workers), resume_dir=resume_dir)
+    return dnnlib.EasyDict(num=int(num), seed=int(seed), batch=int(batch), ref=ref, ref_data=ref_data,
+        detector=detector, teacher=bool(teacher), agree_num=int(agree_num), heun_steps=int(heun_steps),
+        grid_num=int(grid_num), save_best=bool(save_best), workers=int(workers), resume_dir=resume_dir)
 
 def check_options(image_shape, device='cpu', func_name=None, **kwargs):
-    """Check the options of `validate` (the keyword arguments given to it;
-    `func_name` is ignored, so the training loop's `validation_fn` dict can
-    be passed as it is) for images of shape [C, H, W] before training: load
-    the detector and the reference statistics (`ref`) or open the dataset
-    (`ref_data`). Call on all ranks; raises ValueError."""
+    """Check the options of `validate` for images [C, H, W] before training, on all ranks (ValueError): load the
+    detector and the reference statistics, or open the dataset. `func_name` is ignored."""
     del func_name
     params = inspect.signature(validate).parameters.values()
-    defaults = {p.name: p.default for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY}
-    opts = _parse_options(**{**defaults, **kwargs})
-    if opts.num == 0:
-        return
-    det = metrics.load_detector(opts.detector, device=device, option='--val_detector')
-    dim = det.feature_dim(image_shape)
-    if opts.ref is not None:
-        dist.on_rank0(lambda: _load_ref(opts.ref, det, dim))
-    else:
-        dist.on_rank0(lambda: _open_ref_data(opts.ref_data, image_shape))
+    opts = _parse_options(**{**{p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}, **kwargs})
+    if opts.num > 0:
+        det = metrics.load_detector(opts.detector, device=device)
+        dim = det.feature_dim(image_shape)
+        dist.on_rank0(lambda: _open_ref_data(opts.ref_data, image_shape) if opts.ref is None else
+            _load_ref(opts.ref, det, dim))
 
 #----------------------------------------------------------------------------
 # Files of the run directory.
@@ -122,8 +76,7 @@ def _run_dirs(run_dir, resume_dir):
     return dirs
 
 def read_history(run_dir, resume_dir=None):
-    """The validations recorded in metrics-val.jsonl of `resume_dir`, then of
-    `run_dir`, as a list of dicts; a line cut short by a crash is skipped."""
+    """The entries of metrics-val.jsonl of `resume_dir`, then of `run_dir`; a line cut short by a crash is skipped."""
     lines = []
     for folder in _run_dirs(run_dir, resume_dir):
         path = os.path.join(folder, HISTORY_FILE)
@@ -145,13 +98,12 @@ def _summarize_history(history):
     for entry in history:
         for name, value in entry['figures'].items():
             names.add(name)
-            if isinstance(value, (int, float)) and math.isfinite(value) and (name not in best or value < best[name]):
+            if isinstance(value, (int, float)) and math.isfinite(value) and value < best.get(name, math.inf):
                 best[name] = float(value)
     return dict(best=best, names=sorted(names))
 
 def _append_history(run_dir, entry):
-    """Append one line to metrics-val.jsonl with a single write, flushed to disk;
-    a line cut short by a crash is ended first, so that it spoils no other."""
+    """Append one line to metrics-val.jsonl in one flushed write, first ending a line cut short by a crash."""
     path = os.path.join(run_dir, HISTORY_FILE)
     text = json.dumps(entry) + '\n'
     if os.path.isfile(path) and os.path.getsize(path) > 0:
@@ -166,9 +118,40 @@ def _append_history(run_dir, entry):
 
 def ref_file_name(detector, ref_data):
     """File name of the reference statistics computed from `ref_data` with `detector`."""
-    tag = re.sub(r'[^A-Za-z0-9]+', '_', os.path.splitext(os.path.basename(str(detector).rstrip('/')))[0]).strip('_') or 'detector'
+    tag = re.sub(r'[^A-Za-z0-9]+', '_', os.path.splitext(os.path.basename(str(detector).rstrip('/')))[0])
     digest = hashlib.sha1(f'{detector}\n{os.path.abspath(ref_data)}'.encode('utf-8')).hexdigest()[:8]
-    return f'val-ref-{tag}-{digest}.npz'
+    return f'val-ref-{tag.strip("_") or "detector"}-{digest}.npz'
+
+def heun_file_name(net, device, seed=0, heun_steps=18, clip=True):
+    """File name of `net`'s Heun images of the validation seeds from `seed` (save_heun_images), keyed by the
+    network's class, weights, guidance and precision, the device type and the sampler settings."""
+    inner = net.net if isinstance(net, precision.Teacher) else net
+    mode = precision.autocast_dtype(inner, net.precision, device) if inner is not net else None
+    key = (f'{type(inner).__name__} {checkpoint.tensor_digest(inner)} {guidance.describe(inner)} '
+        f'{getattr(inner, "use_fp16", None)} {mode} {torch.device(device).type} {seed} {heun_steps} {clip}')
+    return f'val-heun-{hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]}.npz'
+
+def save_heun_images(run_dir, net, images, batch, device, seed=0, heun_steps=18, clip=True):
+    """Keep Heun images of `net` (float64; image i of seed seed + i, sampled in blocks of `batch` from i = 0) in
+    `run_dir`, where validation in blocks of `batch` reads them instead of sampling the teacher."""
+    blocks = {f'{i * batch}_{len(block)}': block.cpu().numpy() for i, block in enumerate(images.split(batch))}
+    path = os.path.join(run_dir, heun_file_name(net, device, seed=seed, heun_steps=heun_steps, clip=clip))
+    dnnlib.util.write_atomic(path, lambda f: np.savez(f, **blocks))
+
+def _kept_heun_images(net, opts, device, run_dir):
+    """The images that save_heun_images kept of `net` in the run directories, {'<first>_<count>': array}."""
+    def find():
+        for folder in reversed(_run_dirs(run_dir, opts.resume_dir)):
+            if glob.glob(os.path.join(folder, 'val-heun-*.npz')): # Only then the weights' digest.
+                path = os.path.join(folder, heun_file_name(net, device, opts.seed, opts.heun_steps, opts.clip))
+                if os.path.isfile(path):
+                    return path
+        return None
+    path = dist.on_rank0(find, share=True)
+    if path is None or not os.path.isfile(path):
+        return dict()
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
 
 #----------------------------------------------------------------------------
 # Reference statistics.
@@ -181,14 +164,15 @@ def _load_ref(path, det, dim):
 def _open_ref_data(ref_data, image_shape):
     images = metrics.open_image_dataset(ref_data, kind=None) # Either kind: latents get the message below.
     if getattr(images, 'is_latent', False):
-        raise ValueError(f'Validation dataset ref_data="{ref_data}" holds latents, not images; pass ref (--val_ref, e.g. EDM2\'s img512.pkl) or ref_data with the images they encode.')
+        raise ValueError(f'Validation dataset ref_data="{ref_data}" holds latents, not images; pass reference '
+            'statistics as ref (e.g. EDM2\'s img512.pkl) or a dataset of the images they encode.')
     if list(images.image_shape) != list(image_shape):
-        raise ValueError(f'Validation dataset ref_data="{ref_data}" holds images of shape {list(images.image_shape)} but the network makes {list(image_shape)}; pass the dataset the network is trained on.')
+        raise ValueError(f'Validation dataset ref_data="{ref_data}" holds images of shape {list(images.image_shape)} '
+            f'but the network makes {list(image_shape)}; pass the dataset the network is trained on.')
     return images
 
 def _reference(opts, det, dim, image_shape, run_dir):
-    """Reference statistics (mu, sigma) on rank 0, None elsewhere. From
-    `ref_data` they are computed by all ranks once and cached in run_dir."""
+    """Reference statistics (mu, sigma) on rank 0, None elsewhere; from `ref_data`, computed once and cached."""
     if opts.ref is not None:
         ref = dist.on_rank0(lambda: _load_ref(opts.ref, det, dim))
         return None if ref is None else (ref.mu, ref.sigma)
@@ -196,22 +180,23 @@ def _reference(opts, det, dim, image_shape, run_dir):
     file_name = ref_file_name(det.name, opts.ref_data)
     def find_cached():
         for folder in reversed(_run_dirs(run_dir, opts.resume_dir)):
-            path = os.path.join(folder, file_name)
-            if os.path.isfile(path):
+            if os.path.isfile(path := os.path.join(folder, file_name)):
                 ref = _load_ref(path, det, dim)
                 if folder != run_dir and run_dir is not None:
                     metrics.save_ref_stats(os.path.join(run_dir, file_name), ref.mu, ref.sigma, detector=det.name)
-                return ref
+                return ref.mu, ref.sigma
         return None
     ref = dist.on_rank0(find_cached)
     if dist.on_rank0(lambda: ref is not None, share=True):
-        return (ref.mu, ref.sigma) if ref is not None else None
+        return ref
 
     images = dist.on_rank0(lambda: _open_ref_data(opts.ref_data, image_shape))
     if images is None:
         images = _open_ref_data(opts.ref_data, image_shape)
-    dist.print0(f'Validation: reference statistics of {len(images)} images from "{opts.ref_data}" with detector "{det.name}"...')
-    mu, sigma = metrics.compute_dataset_stats(images, det, batch_size=opts.batch, num_workers=opts.workers).mean_cov()
+    dist.print0(f'Validation: reference statistics of {len(images)} images from "{opts.ref_data}" '
+        f'with detector "{det.name}"...')
+    stats = metrics.compute_dataset_stats(images, det, batch_size=opts.batch, num_workers=opts.workers)
+    mu, sigma = stats.mean_cov()
     if dist.get_rank() != 0:
         return None
     if run_dir is not None:
@@ -225,21 +210,25 @@ def _batches(indices, batch):
     return [indices[i : i + batch] for i in range(0, len(indices), batch)]
 
 def _rank_batches(total, batch):
-    """This rank's batches of the image indices 0 .. total - 1: consecutive
-    blocks of `batch`, dealt to the ranks in turn, so that the network sees
-    the same batches whatever the number of ranks."""
+    """This rank's share of the blocks of `batch` consecutive indices 0 .. total - 1, dealt to the ranks in turn."""
     return _batches(list(range(total)), batch)[dist.get_rank() :: dist.get_world_size()]
 
-def generate_images(net, indices, seed, device, sample_fn, clip=True, **sample_kwargs):
-    """Images of the global indices `indices` (seeds seed + i, class i % label_dim),
-    as float64 [N, C, H, W] clipped to [-1, 1] (final latents unclipped with clip=False)."""
-    return samplers.generate_images(net, [seed + i for i in indices], device, sample_fn, classes=indices, clip=clip, **sample_kwargs)
+def _generate(net, indices, opts, device, sample_fn, **sample_kwargs):
+    """Images of the indices (seeds seed + i, class i % label_dim), float64 [N, C, H, W], clipped unless latent."""
+    seeds = [opts.seed + i for i in indices]
+    return samplers.generate_images(net, seeds, device, sample_fn, classes=indices, clip=opts.clip, **sample_kwargs)
+
+def _teacher_heun(teacher, chunk, opts, device, kept):
+    """The teacher's Heun images of `chunk`: those save_heun_images kept of this very block, else sampled."""
+    image = kept.get(f'{chunk[0]}_{len(chunk)}') if chunk == list(range(chunk[0], chunk[0] + len(chunk))) else None
+    return torch.as_tensor(image, device=device) if image is not None else _generate(teacher, chunk, opts, device,
+        samplers.edm_sampler, num_steps=opts.heun_steps)
 
 _teacher_cache = weakref.WeakKeyDictionary() # teacher -> {(seed, class, heun_steps): float32 CPU image}
 
-def _teacher_images(teacher, indices, opts, device, new_images=None):
-    """The teacher's Heun images of `indices` (float64 on device), generated
-    once per process; `new_images` (float64, one per index) are stored instead."""
+def _teacher_images(teacher, indices, opts, device, kept, new_images=None):
+    """The teacher's Heun images of `indices` (float64 on device), generated once per process;
+    `new_images` (float64, one per index) are stored instead."""
     try:
         cache = _teacher_cache.setdefault(teacher, dict())
     except TypeError: # Not weakly referenceable: no cache.
@@ -250,8 +239,7 @@ def _teacher_images(teacher, indices, opts, device, new_images=None):
             cache[key(i)] = image.to('cpu', torch.float32)
     missing = [i for i in indices if key(i) not in cache]
     for chunk in _batches(missing, opts.batch):
-        images = generate_images(teacher, chunk, opts.seed, device, samplers.edm_sampler, clip=opts.clip, num_steps=opts.heun_steps)
-        for i, image in zip(chunk, images):
+        for i, image in zip(chunk, _teacher_heun(teacher, chunk, opts, device, kept)):
             cache[key(i)] = image.to('cpu', torch.float32)
     return torch.stack([cache[key(i)] for i in indices]).to(device, torch.float64)
 
@@ -273,14 +261,11 @@ def validate(
     workers     = 2,        # Data loader processes per rank for the reference statistics.
     resume_dir  = None,     # Run directory of the resumed training state: its history counts too.
 ):
-    """Validate `net` at `cur_tick`/`cur_nimg` on all ranks; see the module
-    doc. Returns the figures (numbers) and the image grid `samples` (uint8
-    HWC) and appends them (rank 0) to metrics-val.jsonl in `run_dir`. With an
-    `encoder` (a latent run) the samples are final latents: the detector and the
-    grid see them decoded, the agreement compares the latents themselves."""
+    """Validate `net` on all ranks; returns the figures and the grid `samples` (uint8 HWC) and appends them
+    (rank 0) to metrics-val.jsonl. With an `encoder` (latent run) the detector and the grid see decoded samples."""
     time_start = time.time()
-    opts = _parse_options(num=num, seed=seed, batch=batch, ref=ref, ref_data=ref_data, detector=detector, teacher=teacher,
-        agree_num=agree_num, heun_steps=heun_steps, grid_num=grid_num, save_best=save_best, workers=workers, resume_dir=resume_dir)
+    opts = _parse_options(num, seed, batch, ref, ref_data, detector, teacher, agree_num, heun_steps, grid_num,
+        save_best, workers, resume_dir)
     device = torch.device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
@@ -290,6 +275,7 @@ def validate(
     history = dist.on_rank0(lambda: _summarize_history(read_history(run_dir, opts.resume_dir)), share=True)
 
     # Sampler of the network; the teacher of a consistency loss.
+    teacher_net = None
     if callable(getattr(loss_fn, 'student_sigmas', None)):
         sigmas = loss_fn.student_sigmas()
         sample_fn, sample_kwargs = samplers.student_sampler, dict(sigmas=sigmas)
@@ -300,7 +286,6 @@ def validate(
     else:
         sample_fn, sample_kwargs = samplers.edm_sampler, dict(num_steps=opts.heun_steps)
         sampler_desc = f'heun, {opts.heun_steps} steps'
-        teacher_net = None
     if isinstance(teacher_net, torch.nn.Module):
         teacher_net.to(device)
     agree_num = opts.agree_num if teacher_net is not None else 0
@@ -308,10 +293,9 @@ def validate(
     # Detector and reference statistics.
     det, fd_name, ref_stats = None, None, None
     if opts.num > 0:
-        det = metrics.load_detector(opts.detector, device=device, option='--val_detector')
-        dim = det.feature_dim(image_shape)
+        det = metrics.load_detector(opts.detector, device=device)
         fd_name = det.key
-        ref_stats = _reference(opts, det, dim, image_shape, run_dir)
+        ref_stats = _reference(opts, det, det.feature_dim(image_shape), image_shape, run_dir)
 
     def fd_of(stats):
         stats.all_reduce()
@@ -320,18 +304,21 @@ def validate(
 
     figures = dict()
     total = max(opts.num, agree_num)
+    teacher_name = f'teacher_{fd_name}'
+    fd_teacher = teacher_net is not None and opts.teacher and opts.num > 0 and teacher_name not in history['names']
+    kept = _kept_heun_images(teacher_net, opts, device, run_dir) if fd_teacher or agree_num > 0 else dict()
 
     # The teacher's Fréchet distance, once per run; its agreement images come with it.
-    teacher_name = f'teacher_{fd_name}'
-    if teacher_net is not None and opts.teacher and opts.num > 0 and teacher_name not in history['names']:
-        dist.print0(f'Validation: {opts.num} teacher images (heun, {opts.heun_steps} steps) for the teacher\'s {det.label}...')
+    if fd_teacher:
+        dist.print0(f'Validation: {opts.num} teacher images (heun, {opts.heun_steps} steps) for the teacher\'s '
+            f'{det.label}...')
         stats = metrics.FeatureStats(det.device)
         for chunk in _rank_batches(opts.num, opts.batch):
-            images = generate_images(teacher_net, chunk, opts.seed, device, samplers.edm_sampler, clip=opts.clip, num_steps=opts.heun_steps)
+            images = _teacher_heun(teacher_net, chunk, opts, device, kept)
             stats.append(det(to_uint8(images)))
             agree = [j for j, i in enumerate(chunk) if i < agree_num]
             if agree:
-                _teacher_images(teacher_net, [chunk[j] for j in agree], opts, device, new_images=images[agree])
+                _teacher_images(teacher_net, [chunk[j] for j in agree], opts, device, kept, new_images=images[agree])
         figures[teacher_name] = fd_of(stats)
 
     # The network's images: features, agreement with the teacher, the grid.
@@ -341,7 +328,7 @@ def validate(
     nonfinite = torch.zeros([], dtype=torch.float64, device=device) # Images with a non-finite pixel.
     grid_items = []
     for chunk in _rank_batches(total, opts.batch):
-        images = generate_images(net, chunk, opts.seed, device, sample_fn, clip=opts.clip, **sample_kwargs)
+        images = _generate(net, chunk, opts, device, sample_fn, **sample_kwargs)
         nonfinite += (~torch.isfinite(images)).flatten(1).any(dim=1).sum()
         images_u8 = to_uint8(images)
         rows = [j for j, i in enumerate(chunk) if i < opts.num]
@@ -349,32 +336,28 @@ def validate(
             stats.append(det(images_u8[rows]))
         rows = [j for j, i in enumerate(chunk) if i < agree_num]
         if rows:
-            diff = images[rows] - _teacher_images(teacher_net, [chunk[j] for j in rows], opts, device)
+            diff = images[rows] - _teacher_images(teacher_net, [chunk[j] for j in rows], opts, device, kept)
             sq_err += torch.stack([diff.square().sum(), torch.tensor(diff.numel(), dtype=torch.float64, device=device)])
-        grid_items += [(i, image.permute(1, 2, 0).cpu().numpy()) for i, image in zip(chunk, images_u8) if i < opts.grid_num]
+        grid_items += [(i, im.permute(1, 2, 0).cpu().numpy()) for i, im in zip(chunk, images_u8) if i < opts.grid_num]
     if dist.is_distributed():
         torch.distributed.all_reduce(sq_err)
         torch.distributed.all_reduce(nonfinite)
     if nonfinite > 0:
         figures['nonfinite_frac'] = float(nonfinite) / total
+        dist.print0(f'Validation: {int(nonfinite)} of {total} images are not finite (the network diverged); '
+            'their figures are NaN.')
     if stats is not None:
-        figures[fd_name] = fd_of(stats) if nonfinite == 0 else float('nan') # Features of non-finite images mean nothing.
+        figures[fd_name] = fd_of(stats) if nonfinite == 0 else math.nan # Features of non-finite images mean nothing.
     if agree_num > 0:
         figures.update(metrics.agreement(float(sq_err[0] / sq_err[1])))
-    if nonfinite > 0:
-        dist.print0(f'Validation: {int(nonfinite)} of {total} images are not finite (the network diverged); their figures are NaN.')
 
-    # The best snapshot.
-    best = False
-    if opts.num > 0 and opts.save_best:
-        value = figures[fd_name]
-        best = math.isfinite(value) and (fd_name not in history['best'] or value < history['best'][fd_name])
-        if best:
-            save_snapshot(BEST_SNAPSHOT)
-
-    # The grid of the first images.
-    grid_items = [item for part in dist.gather_objects(grid_items) for item in part]
-    grid = samplers.image_grid([image for _i, image in sorted(grid_items, key=lambda item: item[0])]) if grid_items else None
+    # The best snapshot; the grid of the first images.
+    value = figures.get(fd_name, math.nan)
+    best = opts.num > 0 and opts.save_best and math.isfinite(value) and value < history['best'].get(fd_name, math.inf)
+    if best:
+        save_snapshot(BEST_SNAPSHOT)
+    grid_items = sorted([item for part in dist.gather_objects(grid_items) for item in part], key=lambda item: item[0])
+    grid = samplers.image_grid([image for _i, image in grid_items]) if grid_items else None
 
     # Record and report.
     time_end = time.time()
@@ -385,8 +368,9 @@ def validate(
             world_size=world, time_start=time_start, time_end=time_end)
         if run_dir is not None:
             _append_history(run_dir, entry)
-        parts = [f'{name} {value:.6g}' for name, value in figures.items() if name != 'sec']
-        dist.print0(f'Validation at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {", ".join(parts)}{" (best)" if best else ""}, {figures["sec"]:.1f} s')
+        parts = ', '.join(f'{name} {value:.6g}' for name, value in figures.items() if name != 'sec')
+        dist.print0(f'Validation at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {parts}{" (best)" if best else ""}, '
+            f'{figures["sec"]:.1f} s')
     if grid is not None:
         figures['samples'] = grid
     return figures
