@@ -24,7 +24,7 @@ import dnnlib
 from training import encoders
 from training.dataset import GRAY_MODES, IMAGE_EXTENSIONS, list_files
 
-MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz')  # Expected in an MNIST folder.
+MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz')
 SOURCE_KINDS = "an image or MNIST folder, a .zip, a CIFAR-10 .tar.gz, an .npz, or 'digits'"
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, PIL.Image.DecompressionBombError)
 
@@ -35,7 +35,7 @@ def error(source, text):
 # Sources: a sequence of uint8 images [H, W, C] with optional integer labels.
 
 class Source:
-    """names (as messages quote them), sizes [(W, H)], image(idx), labels (or None) and close()."""
+    """names (as messages quote them), sizes [(W, H)], image(idx), labels (or None), close()."""
 
     def __init__(self, names, sizes, image, labels, close=lambda: None):
         self.names, self.sizes, self.image, self.labels, self.close = names, sizes, image, labels, close
@@ -49,7 +49,7 @@ def array_source(images, labels, max_images): # images [N, H, W, C]
         images.__getitem__, labels)
 
 def file_source(src, names, opener, labels, close=lambda: None):
-    """Image files in a folder or zip (opener: name -> binary file), decoded one at a time."""
+    """Image files in a folder or zip (opener: name -> binary file)."""
     def read(name, fn):
         try:
             with opener(name) as f, PIL.Image.open(f) as pil:
@@ -64,10 +64,10 @@ def file_source(src, names, opener, labels, close=lambda: None):
     return Source([repr(name) for name in names], [size for size, _mode in headers], image, labels, close)
 
 #----------------------------------------------------------------------------
-# Readers, one per kind of source.
+# Readers.
 
 def open_files(source, names, opener, read_json, max_images, close=lambda: None):
-    """The images among `names`, labelled by dataset.json or else by their first-level sub-folders, if all have one."""
+    """The images among `names`, labelled by dataset.json or else by their sub-folders, if all have one."""
     images = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
     if not images:
         close()
@@ -127,7 +127,7 @@ def open_cifar10(source, max_images):
         labels.append(batch_labels.astype(np.int64))
     return array_source(np.concatenate(images), np.concatenate(labels), max_images)
 
-def read_idx(path, magic, ndim): # A gzipped MNIST idx file of unsigned bytes.
+def read_idx(path, magic, ndim): # Gzipped MNIST.
     try:
         with gzip.open(path, 'rb') as f:
             data = f.read()
@@ -192,7 +192,7 @@ def open_source(source, max_images):
     raise error(source, f'is of an unknown kind; pass {SOURCE_KINDS}')
 
 def check_source(source_data, source, mixed_fix=None):
-    """The (width, height) of the first image; stops if there is none, or if sizes differ and mixed_fix says the fix."""
+    """The (width, height) of the first image; with mixed_fix, all must have it."""
     if len(source_data) == 0:
         raise error(source, f'holds no images; pass {SOURCE_KINDS}')
     sizes = source_data.sizes
@@ -206,7 +206,6 @@ def check_source(source_data, source, mixed_fix=None):
 # Resizing and cropping.
 
 def make_transform(transform, resolution):
-    """Function from an image [H, W, C] to the output image [H', W', C]."""
     if resolution is None:
         return lambda image: image
     width, height = resolution
@@ -233,7 +232,7 @@ def make_transform(transform, resolution):
     return {None: resize, 'center-crop': center_crop, 'center-crop-wide': center_crop_wide}[transform]
 
 #----------------------------------------------------------------------------
-# Output: a folder or zip, written under a temporary name and then renamed.
+# Output: a folder or zip, written under a temporary name.
 
 def check_dest(dest):
     if os.path.isfile(dest) or (os.path.isdir(dest) and os.listdir(dest)):
@@ -243,7 +242,7 @@ def check_dest(dest):
 
 @contextlib.contextmanager
 def open_dest(dest):
-    """put(fname, bytes) into a temporary folder or zip, renamed to `dest` if the block succeeds, else removed."""
+    """put(fname, bytes) into a temporary folder or zip, renamed to `dest` on success, else removed."""
     dest = os.path.normpath(dest)
     to_zip = dest.lower().endswith('.zip')
     parent = os.path.dirname(os.path.abspath(dest))
@@ -276,7 +275,7 @@ def open_dest(dest):
         raise
 
 def write_files(source, dest, files, extra=None):
-    """Write the (idx, fname, bytes, shape) of `files` and dataset.json; returns the count and the last shape."""
+    """Write (idx, fname, bytes, shape) `files` and dataset.json; returns the count and the last shape."""
     labels, shape = [], None
     with open_dest(dest) as put:
         for idx, fname, data, shape in files:
@@ -296,7 +295,7 @@ def write_dataset(source, transform, dest):
     return write_files(source, dest, files())
 
 def write_latents(source, encoder, dest, batch, device):
-    """EDM2's latent dataset: the VAE posterior's mean and std per image, float32 [8, H/8, W/8] in .npy files."""
+    """EDM2's latent dataset: the VAE posterior's mean and std, float32 [8, H/8, W/8] .npy files."""
     def files():
         for start in tqdm(range(0, len(source), batch), desc='Encoding', unit='batch'):
             indices = range(start, min(start + batch, len(source)))

@@ -93,7 +93,7 @@ def sample(net, first, last, sample_fn, **kwargs):
     start = time.time()
     blocks = [list(range(i, min(i + BATCH, last))) for i in range(first, last, BATCH)]
     images = [samplers.generate_images(net, seeds, CPU, sample_fn, classes=seeds, **kwargs) for seeds in blocks]
-    return torch.cat(images), time.time() - start
+    return torch.cat(images or [torch.zeros([0], dtype=torch.float64)]), time.time() - start
 
 def compare(runs, ref, detector):
     """FD-pixels against `ref` (mu, sigma) and agreement with the first run's images, per run (name, NFE,
@@ -190,17 +190,25 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     val = ['--val=1', '--val_detector=pixels', f'--val_batch={BATCH}']
     run_script(1, 'Building the digits dataset', ['dataset_tool.py', '--source=digits', f'--dest={data}',
         '--resolution=16x16'])
-    run_script(2, f'Training the EDM teacher ({teacher_kimg} kimg)', ['train.py', f'--outdir={teacher_dir}',
+    teach = start_script(2, f'Training the EDM teacher ({teacher_kimg} kimg)', ['train.py', f'--outdir={teacher_dir}',
         '--nosubdir', f'--data={data}', *arch, f'--duration={teacher_kimg / 1000}', '--lr=2e-3', '--lr_rampup=2',
         '--ema=0.002', *val, '--val_num=300', f'--val_every={max(teacher_kimg // 6, 1)}'])
-    teacher_pkl = last_snapshot(teacher_dir)
-    teacher, _ = load_network(teacher_pkl)
 
-    # Each seed's Heun image of the teacher once: those of the student's validation first, kept with the dataset's
-    # statistics in its run directory for its first validation; the others alongside the distillation.
+    # Each seed's Heun image of the teacher once: those of the student's validation first (the first block alongside
+    # the teacher's last validation, which follows its last snapshot), kept with the dataset's statistics in the
+    # student's run directory for its first validation; the others alongside the distillation.
+    teacher_pkl = os.path.join(teacher_dir, f'network-snapshot-{teacher_kimg:06d}.pkl')
+    while teach.proc.poll() is None and not os.path.isfile(teacher_pkl):
+        time.sleep(1)
+    if not os.path.isfile(teacher_pkl):
+        end_script(teach)
+        raise click.ClickException(f'{teacher_pkl} is missing; see the training output above.')
+    teacher, _ = load_network(teacher_pkl)
     num_a = min(eval_num, -(-VAL_NUM // BATCH) * BATCH)
+    heun, heun_sec = alongside(teach, lambda: sample(teacher, 0, min(BATCH, num_a), samplers.edm_sampler, num_steps=18))
     say(f'\n=== [3] The teacher\'s Heun images of seeds 0-{num_a - 1}, which the student\'s validation reads')
-    heun, heun_sec = sample(teacher, 0, num_a, samplers.edm_sampler, num_steps=18)
+    more, more_sec = sample(teacher, BATCH, num_a, samplers.edm_sampler, num_steps=18)
+    heun, heun_sec = torch.cat([heun, more]), heun_sec + more_sec
     os.makedirs(student_dir)
     validation.save_heun_images(student_dir, teacher, heun, BATCH, CPU)
     for path in glob.glob(os.path.join(teacher_dir, 'val-ref-*.npz')):
@@ -219,8 +227,7 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     log = []
     def teacher_work():
         start = time.time()
-        more, more_sec = sample(teacher, num_a, eval_num, samplers.edm_sampler, num_steps=18) if eval_num > num_a \
-            else (heun[:0], 0)
+        more, more_sec = sample(teacher, num_a, eval_num, samplers.edm_sampler, num_steps=18)
         euler = sample(teacher, 0, eval_num, samplers.euler_sampler, num_steps=S)
         detector = metrics.load_detector(metrics.PIXELS_NAME, device=CPU)
         ref = metrics.compute_dataset_stats(metrics.open_image_dataset(data), detector, batch_size=256, num_workers=0)
@@ -232,7 +239,7 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     (heun, heun_sec), (euler, euler_sec), detector, ref = alongside(distil, teacher_work, log)
     student_pkl = last_snapshot(student_dir)
     student, student_data = load_network(student_pkl)
-    sigmas = torch.tensor(student_data['consistency']['student_sigmas'], dtype=torch.float64)
+    sigmas = checkpoint.student_levels(student_data, student_pkl)
     student_images, student_sec = alongside(grid('5c', student_pkl, *grids[2]),
         lambda: sample(student, 0, eval_num, samplers.student_sampler, sigmas=sigmas))
     labelled_grids([(title, os.path.join(out, name)) for title, name, _args in grids], os.path.join(out, 'grids.png'))

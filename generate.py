@@ -20,7 +20,6 @@ from training import samplers
 #----------------------------------------------------------------------------
 
 def parse_seeds(ctx, param, value):
-    """--seeds: dnnlib.util.parse_int_list(), each seed once."""
     try:
         seeds = dnnlib.util.parse_int_list(value)
     except ValueError as err:
@@ -152,7 +151,7 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, s
         if note is not None:
             dist.print0(note)
 
-    # Divide the seeds among the processes in equal numbers of batches.
+    # Equal numbers of batches per process.
     world = dist.get_world_size()
     num_batches = ((len(seeds) - 1) // (max_batch_size * world) + 1) * world
     rank_batches = torch.as_tensor(seeds).tensor_split(num_batches)[dist.get_rank() :: world]
@@ -179,7 +178,7 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, s
             if grid is not None:
                 results.append((seed, image))
 
-    # Collect the images of every process for the grid.
+    # The grid.
     if grid is not None:
         results = [item for part in dist.gather_objects(results) for item in part]
         if dist.get_rank() == 0:

@@ -103,9 +103,8 @@ def main(indir, outdir, outstd, outkimg):
         for total, coef in zip(sums, row):
             for name, t in state.items():
                 total[name] += float(coef) * t.to(torch.float32)
-        template = data # The newest snapshot gives the other entries.
+        template = data # The newest gives the other entries.
 
-    # The outputs.
     os.makedirs(outdir, exist_ok=True)
     for std, total in zip(outstd, sums):
         net = template['ema']

@@ -17,7 +17,7 @@ from training import precision as precisions
 from training import training_loop
 
 #----------------------------------------------------------------------------
-# The configurations that --arch, --precond and --preset name, and the defaults each family implies.
+# Presets of --arch, --precond and --preset; defaults of each family.
 
 ARCH_PRESETS = dict( # --arch -> network keywords.
     ddpmpp  = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
@@ -28,16 +28,16 @@ ARCH_PRESETS = dict( # --arch -> network keywords.
     edm2    = dict(model_channels=192, channel_mult=[1,2,3,4]),
 )
 
-AUGMENT_PRESET = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1) # Probability multipliers of --augment.
+AUGMENT_PRESET = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1) # Multipliers of --augment.
 
-PRECOND_CLASSES = dict( # --precond -> (network class, loss class); EDM2's network has its own.
+PRECOND_CLASSES = dict( # --precond -> (network class, loss class).
     vp      = ('training.networks.VPPrecond', 'training.loss.VPLoss'),
     ve      = ('training.networks.VEPrecond', 'training.loss.VELoss'),
     edm     = ('training.networks.EDMPrecond', 'training.loss.EDMLoss'),
     edm2    = ('training.networks_edm2.Precond', 'training.loss.EDM2Loss'),
 )
 
-EDM2_PRESETS = { # --preset -> option values of EDM2's published configurations, all with --batch=2048.
+EDM2_PRESETS = { # --preset -> EDM2's published configurations, all with --batch=2048.
     f'edm2-img{res}-{size}': dict(cbase=cbase, lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std)
     for res, decay, P_mean, P_std, sizes in [
         (64,  35000, -0.8, 1.6, dict(xs=(128, 0.0120, 0), s=(192, 0.0100, 0), m=(256, 0.0090, 0.1),
@@ -47,7 +47,7 @@ EDM2_PRESETS = { # --preset -> option values of EDM2's published configurations,
     ] for size, (cbase, lr, dropout) in sizes.items()
 }
 
-FAMILY_DEFAULTS = dict( # Option values that depend on the family of --arch, where not given.
+FAMILY_DEFAULTS = dict( # Where not given, by the family of --arch.
     edm     = dict(precond='edm', ema=0.5, dropout=0.13, augment=0.12, decay=0, phema=None),
     edm2    = dict(precond='edm2', ema=None, dropout=0, augment=0, decay=70000, phema=[0.050, 0.100], P_mean=-0.4,
                    P_std=1.0),
@@ -58,18 +58,17 @@ STUDENT_DEFAULTS = dict( # Where not given, for a student built from its teacher
     edm2    = dict(augment=0, decay=0),
 )
 
-ARCH_OPTIONS = ('arch', 'precond', 'preset', 'cbase', 'cres') # None given: the student has the teacher's architecture.
+ARCH_OPTIONS = ('arch', 'precond', 'preset', 'cbase', 'cres') # None given: the teacher's architecture.
 
 def student_defaults(student):
-    """Option values for a student built from its teacher's description (class_name and constructor keywords)."""
+    """Option values for a student built from its teacher's description."""
     precond = next((name for name, (cls, _loss) in PRECOND_CLASSES.items() if cls == student['class_name']), 'edm')
     family = 'edm2' if precond == 'edm2' else 'edm'
     return dict(FAMILY_DEFAULTS[family], **STUDENT_DEFAULTS[family], precond=precond, dropout=student.get('dropout'),
         **({'arch': 'edm2'} if family == 'edm2' else {}))
 
 #----------------------------------------------------------------------------
-# The options of the distillation loss, defined once: the command line, the keywords of ConsistencyDistillLoss and
-# the option reference (update_readme.py) come from this table.
+# The options of the distillation loss, defined once for the command line, the loss and the docs.
 
 POSITIVE = click.FloatRange(min=0, min_open=True)
 CD_LOSS_OPTIONS = [ # (option, keyword of the loss, type, default, help)
@@ -94,10 +93,9 @@ CD_LOSS_OPTIONS = [ # (option, keyword of the loss, type, default, help)
     ('cd_weight_mode',  'weight_mode',      click.Choice(loss_cd.WEIGHT_MODES), 'sqrt_karras', 'Weight lambda(sigma) of the loss'),
 ]
 CD_OPTIONS = ['teacher', 'gnet', 'guidance', 'student_init', 'teacher_precision', 'no_terminal_anchor', 'no_sync_dropout',
-    *[row[0] for row in CD_LOSS_OPTIONS]] # The options that only --consistency=True uses.
+    *[row[0] for row in CD_LOSS_OPTIONS]] # Only for --consistency=True.
 
 def cd_loss_options(fn):
-    """The click options of CD_LOSS_OPTIONS, in the table's order."""
     for name, _keyword, kind, default, help_text in reversed(CD_LOSS_OPTIONS):
         metavar = {bool: 'BOOL', str: 'NAME|LIST', float: 'FLOAT'}.get(kind, None if isinstance(kind, click.Choice) else
             'INT' if isinstance(kind, click.IntRange) else 'FLOAT')
@@ -117,11 +115,9 @@ def int_list(_ctx, _param, value):
         raise click.BadParameter(str(err)) from err
 
 def str_list(_ctx, _param, value):
-    """'a,b' -> ['a', 'b']."""
     return None if value is None else [item.strip() for item in value.split(',') if item.strip()]
 
 def parse_phema(_ctx, _param, value):
-    """--phema: a list of sigma_rel, or 'none'."""
     if value is None or value == 'none':
         return None
     try:
@@ -130,8 +126,7 @@ def parse_phema(_ctx, _param, value):
         raise click.BadParameter(f'"{value}" is not a comma-separated list of numbers; pass e.g. 0.050,0.100, or none.') from None
 
 def apply_defaults(opts, given, student=None):
-    """Fill the options that were not given: those of a student built from its teacher (`student`: the teacher's
-    description), or an EDM2 --preset; then the defaults of the architecture."""
+    """Fill the options not given: from the teacher's description `student` or a --preset, then the family's."""
     defaults = student_defaults(student) if student is not None else {}
     if opts.preset is not None:
         defaults = dict(EDM2_PRESETS[opts.preset], arch='edm2', batch=2048)
@@ -141,10 +136,10 @@ def apply_defaults(opts, given, student=None):
     opts.update({key: value for key, value in family.items() if key not in given and key not in defaults})
 
 #----------------------------------------------------------------------------
-# Options -> keyword arguments of the training loop.
+# Options -> training loop keywords.
 
 def training_config(opts, device):
-    """The keyword arguments of preflight.setup() and training_loop.training_loop() that the options give."""
+    """The keywords of preflight.setup() and training_loop.training_loop()."""
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond,
         xflip=opts.xflip, cache=opts.cache)
@@ -154,7 +149,7 @@ def training_config(opts, device):
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr,
         betas=([0.9, 0.99] if opts.arch == 'edm2' else [0.9, 0.999]), eps=1e-8)
 
-    # Network preset, preconditioning and loss; channels, augmentation, dropout, precision.
+    # Network and loss.
     c.network_kwargs = dnnlib.EasyDict(ARCH_PRESETS[opts.arch] if opts.get('student') is None else opts.student)
     network_class, loss_class = PRECOND_CLASSES[opts.precond]
     c.network_kwargs.setdefault('class_name', network_class)
@@ -165,10 +160,10 @@ def training_config(opts, device):
     if opts.augment > 0:
         c.augment_kwargs = dnnlib.EasyDict(AUGMENT_PRESET, class_name='training.augment.AugmentPipe', p=opts.augment)
         c.network_kwargs.augment_dim = 9 # The pipeline's conditioning labels.
-    precision = precisions.resolve(opts.precision, opts.fp16) # fp16 and fp32 are EDM's use_fp16; bf16 is the loop's `precision`.
+    precision = precisions.resolve(opts.precision, opts.fp16) # fp16: EDM's use_fp16; bf16: the loop's `precision`.
     c.network_kwargs.update(use_fp16=(precision == 'fp16'), **({} if opts.dropout is None else dict(dropout=opts.dropout)))
 
-    # Schedule and output intervals.
+    # Schedule.
     if opts.ema_rampup is None:
         ema_rampup_ratio = None if opts.transfer is not None else 0.05
     else:
@@ -179,7 +174,7 @@ def training_config(opts, device):
         snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, seed=opts.seed, max_bad_steps=opts.max_bad_steps, vae_name=opts.vae,
         precision=(precision if precision == 'bf16' else None), teacher_precision=opts.teacher_precision, compile_networks=opts.compile)
 
-    # Consistency distillation, transfer learning, resume.
+    # Distillation, transfer, resume.
     if opts.consistency:
         c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss_cd.ConsistencyDistillLoss',
             **{keyword: opts[name] for name, keyword, *_rest in CD_LOSS_OPTIONS})
@@ -195,7 +190,7 @@ def training_config(opts, device):
     if opts.resume is not None:
         c.resume_state_dump = opts.resume
 
-    # Validation during training.
+    # Validation.
     if opts.val:
         resume_dir = None if opts.resume is None else os.path.abspath(opts.resume if os.path.isdir(opts.resume) else os.path.dirname(opts.resume))
         c.validation_fn = dnnlib.EasyDict(func_name='training.validation.validate', num=opts.val_num, seed=opts.val_seed,
@@ -217,7 +212,7 @@ def run_description(opts, c, dataset_obj):
 # The run directory and W&B (rank 0).
 
 def create_run_dir(opts, c, desc):
-    """Claim the run directory and write training_options.json into it; returns its path."""
+    """Claim the run directory and write training_options.json; returns its path."""
     if opts.nosubdir:
         os.makedirs(opts.outdir, exist_ok=True)
         run_dir = opts.outdir
@@ -231,7 +226,6 @@ def create_run_dir(opts, c, desc):
     return run_dir
 
 def init_wandb(opts, c):
-    """Start the W&B run of rank 0 inside the run directory."""
     import wandb # pylint: disable=import-outside-toplevel
     try:
         return wandb.init(project=opts.wandb_project, entity=opts.wandb_entity, tags=opts.wandb_tags, mode=opts.wandb_mode,
@@ -241,7 +235,6 @@ def init_wandb(opts, c):
             'use --wandb_mode=offline, or pass --wandb=False.') from err
 
 def print_options(opts, c, device):
-    """The options and a summary of the run, on rank 0."""
     dist.print0('\nTraining options:')
     dist.print0(json.dumps(c, indent=2))
     dist.print0()

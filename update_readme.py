@@ -12,12 +12,11 @@ import dnnlib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BLOCK_RE = re.compile(r'(<!-- options: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /options -->)', re.DOTALL)
-DEFAULT_RE = re.compile(r'\s*\[default: ([^\]]*)\]') # An explicit default in an option's help.
+DEFAULT_RE = re.compile(r'\s*\[default: ([^\]]*)\]') # An explicit default in a help.
 
 #----------------------------------------------------------------------------
 
 def doc_files():
-    """README.md and the pages of docs/."""
     return [os.path.join(ROOT, 'README.md'), *sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))]
 
 def load_command(spec):

@@ -1,6 +1,5 @@
 """Students of a Gaussian-mixture teacher (`training.gmm`) against its exact PF-ODE endpoints: RMSE and TV of the
-component shares per S, next to the teacher's Euler and Heun. The study, presets and commands: docs/quality-study.md.
-"""
+component shares per S, next to the teacher's Euler and Heun (docs/quality-study.md)."""
 
 import copy
 import json
@@ -27,13 +26,12 @@ from training.steps import accumulate_gradients, learning_rate, optimizer_step, 
 MIXTURES = ('gmm8', 'gmm16')
 
 def _smooth(gen, n, channels, resolution, low):
-    """n images [n, C*R*R] of unit RMS upsampled from low x low noise."""
+    """[n, C*R*R] of unit RMS upsampled from low x low noise."""
     z = torch.randn([n, channels, low, low], dtype=torch.float64, generator=gen)
     up = torch.nn.functional.interpolate(z, size=(resolution,) * 2, mode='bilinear', align_corners=True).reshape(n, -1)
     return up / up.square().mean(dim=1, keepdim=True).sqrt()
 
 def make_mixture(name):
-    """The benchmark's mixtures, built deterministically."""
     assert name in MIXTURES
     gen = torch.Generator().manual_seed(2024)
     K, C, R, rank, scale = (4, 1, 8, 4, 0.6) if name == 'gmm8' else (8, 3, 16, 4, 0.5)
@@ -45,8 +43,7 @@ def make_mixture(name):
 
 #----------------------------------------------------------------------------
 # Presets: keywords of ConsistencyDistillLoss, or of the student sampler as sampler_*.
-
-# Interior sigmas per S where gmm8's `karras` students err, set by hand from their profiles.
+# Interior sigmas per S where gmm8's `karras` students err, set by hand.
 MID_LAYOUTS = {2: '2', 4: '8,2,0.5', 8: '12,6,3.5,2,1.2,0.6,0.25'}
 
 CONFIGS = dict(
@@ -66,7 +63,6 @@ CONFIGS = dict(
 )
 
 def parse_value(text):
-    """A --set value: true/false/none, an int, a float, or the string itself."""
     for kind in (int, float):
         try:
             return kind(text)
@@ -75,8 +71,7 @@ def parse_value(text):
     return dict(true=True, false=False, none=None).get(text.strip().lower(), text)
 
 def resolve_config(name, overrides, budget_kimg, dim):
-    """(loss keywords, sampler keywords) of a preset and --set overrides; T_anneal_kimg=None is the whole budget,
-    huber_c='<f>x' f times 0.00054 sqrt(d)."""
+    """(loss, sampler) keywords; T_anneal_kimg=None is the whole budget, huber_c='<f>x' f times 0.00054 sqrt(d)."""
     merged = dict(CONFIGS[name])
     for item in overrides:
         if '=' not in item:
@@ -92,14 +87,13 @@ def resolve_config(name, overrides, budget_kimg, dim):
     return loss, sampler
 
 def for_S(loss_kwargs, S):
-    """The keywords for an S-step student, per-S values (dicts) resolved."""
     for key, value in loss_kwargs.items():
         if isinstance(value, dict) and S not in value:
             raise click.ClickException(f'The preset gives {key} for S in {sorted(value)} only, not S={S}.')
     return {key: (value[S] if isinstance(value, dict) else value) for key, value in loss_kwargs.items()}
 
 class OracleTargetLoss(ConsistencyDistillLoss):
-    """A control: every non-terminal reference is the teacher's ODE solution (`oracle_substeps` Heun steps)."""
+    """Control: every non-terminal reference is the teacher's ODE solution (`oracle_substeps` Heun steps)."""
 
     def __init__(self, *, oracle_substeps=8, **kwargs):
         super().__init__(**dict(kwargs, target_mode='teacher'))
@@ -125,14 +119,14 @@ class OracleTargetLoss(ConsistencyDistillLoss):
 #----------------------------------------------------------------------------
 
 def references(mixture, latents, num_steps, sigma_min):
-    """Exact endpoints (EDM's Heun in float64, 2 * num_steps levels), RMS and largest step-doubling difference."""
+    """Exact endpoints (float64 Heun, 2 * num_steps levels), RMS and largest step-doubling difference."""
     coarse = samplers.edm_sampler(mixture, latents, num_steps=num_steps, sigma_min=sigma_min)
     fine = samplers.edm_sampler(mixture, latents, num_steps=2 * num_steps, sigma_min=sigma_min)
     diff = coarse - fine
     return fine, float(diff.square().mean().sqrt()), float(diff.abs().max())
 
 def exact_states(mixture, latents, sigmas, substeps):
-    """Float64 PF-ODE states at a student grid's levels: per segment, Heun on `substeps` Karras levels."""
+    """Float64 PF-ODE states at a student grid's levels (per segment, Heun on `substeps` levels)."""
     sigmas = [float(v) for v in sigmas]
     states = [latents.to(torch.float64) * sigmas[0]]
     for a, b in zip(sigmas[:-1], sigmas[1:]):
@@ -145,7 +139,7 @@ def exact_states(mixture, latents, sigmas, substeps):
 
 @torch.no_grad()
 def segment_profile(student, states, sigmas):
-    """Per segment j, RMSE of the student's step from exact state j to j+1 and of its steps from j to the end."""
+    """Per segment j, RMSE of the student's step from exact state j to j+1 and of its steps to the end."""
     sigmas, S = [float(v) for v in sigmas], len(sigmas) - 1
     def step(x, a, b):
         x_hat = student(x, torch.as_tensor(a, dtype=torch.float64), None).to(torch.float64)
@@ -163,7 +157,7 @@ def rmse(x, ref):
     return float((x.to(torch.float64) - ref).square().mean().sqrt())
 
 def coverage_tv(mixture, x):
-    """TV distance between the samples' component shares and the weights."""
+    """TV of the samples' component shares."""
     counts = torch.bincount(mixture.assign(x), minlength=mixture.num_components).to(torch.float64)
     return float(0.5 * (counts / counts.sum() - mixture.weights.cpu()).abs().sum())
 
@@ -175,7 +169,7 @@ def make_student(mixture, cbase):
         model_channels=cbase, channel_mult=mult, num_blocks=1, attn_resolutions=[], dropout=0)
 
 def optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio):
-    """Train `net` on fresh mixture samples with the training loop's steps; returns its EMA."""
+    """Train `net` on fresh mixture samples; returns its EMA."""
     distill = isinstance(loss_fn, ConsistencyDistillLoss)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=[0.9, 0.999], eps=1e-8)
@@ -194,7 +188,7 @@ def optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_
 
 def pretrain_denoiser(mixture, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio, cbase,
         seed=10000):
-    """The student U-Net trained as the mixture's denoiser with EDM's loss."""
+    """The student U-Net trained with EDM's loss."""
     torch.manual_seed(seed)
     net = make_student(mixture, cbase).train().requires_grad_(True)
     return optimize(net, mixture, EDMLoss(), seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg,
@@ -202,7 +196,7 @@ def pretrain_denoiser(mixture, steps, batch, lr, lr_rampup_kimg, ema_halflife_ki
 
 def train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio,
         cbase, init=None):
-    """(EMA, loss) of an S-step student distilled from random weights or from the network `init`."""
+    """(EMA, loss) of an S-step student distilled from random weights or `init`."""
     torch.manual_seed(seed)
     net = (make_student(mixture, cbase) if init is None else copy.deepcopy(init)).train().requires_grad_(True)
     loss_kwargs = for_S(loss_kwargs, S)
@@ -218,7 +212,6 @@ def log(text):
 
 def run_mixture(name, S_list, seeds, config, overrides, num, ref_steps, profile, steps, batch, kimg, lr, lr_rampup_kimg,
         ema_halflife_kimg, ema_rampup_ratio, cbase, init_steps, init_cache):
-    """All figures of one mixture as a dict."""
     start, mixture = time.time(), make_mixture(name)
     hp = (lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio)
     loss_kwargs, sampler_kwargs = resolve_config(config, overrides, kimg, mixture.dim)

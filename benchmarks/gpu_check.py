@@ -1,4 +1,4 @@
-"""Check and time the CUDA path in one command (issue 17; docs/distillation.md lists the checks and rows). Needs
+"""Check and time the CUDA path in one command (docs/distillation.md lists the checks and rows). Needs
 only torch and numpy: the checks that need pytest, click, Pillow or scikit-learn skip without them.
 
     python benchmarks/gpu_check.py [--device=cpu --tiny]
@@ -26,7 +26,7 @@ from training.loss import EDMLoss, EDM2Loss
 from training.loss_cd import ConsistencyDistillLoss
 
 #----------------------------------------------------------------------------
-# Checks: each returns a detail dict, or raises Skip (with the reason) or an exception (failed).
+# Checks: each returns a detail dict, or raises Skip or an exception (failed).
 
 class Skip(Exception):
     pass
@@ -36,7 +36,7 @@ def relative_error(ours, ref):
     return float((ours.detach().float() - ref).abs().max() / max(1.0, float(ref.abs().max())))
 
 def _fixture_errors(ctx, family, precision, suffix=''):
-    """Relative errors of D_x against the fixtures of `family`, the networks in `precision`."""
+    """Relative errors of D_x against the fixtures of `family`, in `precision`."""
     folder, errors = os.path.join(ROOT, 'tests', 'fixtures', f'{family}_reference'), {}
     with open(os.path.join(folder, 'manifest.json')) as f:
         manifest = json.load(f)
@@ -132,7 +132,7 @@ def _adam(ctx, net):
     return steps.make_optimizer(net.parameters(), dict(class_name='torch.optim.Adam', lr=1e-4), ctx.device)
 
 def _train_step(ddp, net, loss_fn, optimizer, images, labels, precision):
-    """One step of the training loop: gradients in `precision`, optimizer, target, statistics."""
+    """One step of the training loop in `precision`."""
     optimizer.zero_grad(set_to_none=True)
     steps.accumulate_gradients(ddp, loss_fn, lambda: (images, labels), 1, images.shape[0], precision=precision)
     grad_norm = steps.optimizer_step(net, optimizer, 1e-4)
@@ -148,7 +148,7 @@ def check_sync_free_step(ctx):
     optimizer = _adam(ctx, net)
     images = torch.rand(32, 1, 8, 8, device=ctx.device) * 2 - 1
     step = lambda: _train_step(net, net, loss_fn, optimizer, images, None, 'bf16')
-    step() # The target and the optimizer state exist after it.
+    step() # Creates the target and the optimizer state.
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
@@ -213,10 +213,10 @@ CHECKS = [
 ]
 
 #----------------------------------------------------------------------------
-# Throughput: images/s and peak memory of an EDM step and a distillation step.
+# Throughput: images/s and peak memory of EDM and distillation steps.
 
 def _networks(tiny):
-    """(name, class, keywords, EDM loss, per-GPU batch) of the timed networks."""
+    """(name, class, keywords, EDM loss, per-GPU batch) rows."""
     if tiny:
         kw = dict(img_resolution=8, img_channels=3, label_dim=10, channel_mult=[1, 2], num_blocks=1,
             attn_resolutions=[4])
@@ -229,7 +229,7 @@ def _networks(tiny):
         ('edm2-img64-s', networks_edm2.Precond, dict(kw, model_channels=192, use_fp16=False), EDM2Loss, 64)]
 
 def _time(ctx, step):
-    """Median seconds of ctx.steps calls after two warm-up calls, and the peak memory in GiB."""
+    """Median seconds of ctx.steps calls after two warm-ups, and the peak memory in GiB."""
     times = []
     for i in range(2 + ctx.steps):
         if ctx.cuda and i == 2:
@@ -250,7 +250,7 @@ def measure(ctx, row, net_class, net_kwargs, edm_loss):
     labels = torch.randint(0, net.label_dim, [batch], device=ctx.device)
     labels = torch.nn.functional.one_hot(labels, net.label_dim).float()
     if compiled:
-        torch._dynamo.reset() # Clear of the recompilation limit.
+        torch._dynamo.reset() # The recompilation limit.
     student = compiling.compile_network(net) if compiled else net
     timed = lambda loss_fn, opt: _time(ctx, lambda: _train_step(student, net, loss_fn, opt, images, labels, precision))
     row = dict(row, params=sum(p.numel() for p in net.parameters()))
@@ -266,7 +266,7 @@ def measure(ctx, row, net_class, net_kwargs, edm_loss):
     return row
 
 def throughput(ctx):
-    """The rows: eager, then compiled bf16, then compiled fp16; none starts after ctx.budget seconds."""
+    """Eager, then compiled bf16, then compiled fp16 rows; none starts after ctx.budget seconds."""
     rows, start, nets = [], time.time(), _networks(ctx.tiny)
     order = [(n, p, False) for n in nets for p in ('fp16', 'bf16')]
     order += [(n, p, True) for p in ('bf16', 'fp16') for n in nets]
@@ -288,7 +288,6 @@ def throughput(ctx):
 #----------------------------------------------------------------------------
 
 def table(result):
-    """The report as text."""
     lines = [f'GPU check of {result["date"]} on {result["device_name"]} (torch {result["torch"]}):', '']
     for c in result['checks']:
         lines.append(f'  {c["name"]:30s} {c["status"]:8s} {c["seconds"]:7.1f} s  {c.get("reason", "")}'.rstrip())

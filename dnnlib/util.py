@@ -35,8 +35,8 @@ class Logger:
     """Copies everything written to stdout and stderr into a log file."""
 
     def __init__(self,
-        file_name       = None,     # Log file to append to, None = none.
-        file_mode       = 'a',      # Mode to open it with.
+        file_name       = None,     # None = no log file.
+        file_mode       = 'a',
         should_flush    = True,     # Flush after every write?
     ):
         self.file = open(file_name, file_mode) if file_name is not None else None
@@ -84,7 +84,7 @@ class Logger:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn a ValueError of the library (one sentence) into a click error without traceback."""
+    """Turn a library ValueError into a click error without traceback."""
     import click # pylint: disable=import-outside-toplevel
     try:
         yield
@@ -92,7 +92,7 @@ def user_errors():
         raise click.ClickException(str(err)) from err
 
 def parse_int_list(text):
-    """'1,2,5-7' -> [1, 2, 5, 6, 7]: non-negative integers and inclusive ranges; a list or None passes through."""
+    """'1,2,5-7' -> [1, 2, 5, 6, 7]; a list or None passes through."""
     if text is None or isinstance(text, list):
         return text
     text, values = str(text), []
@@ -111,7 +111,7 @@ def parse_int_list(text):
 # Files and run directories.
 
 def write_atomic(path, write_fn):
-    """Write a binary file with `write_fn(f)` through `<path>.tmp-<pid>`, renamed into place when complete."""
+    """Write a binary file with `write_fn(f)` to `<path>.tmp-<pid>`, then rename it."""
     temp_path = f'{path}.tmp-{os.getpid()}'
     try:
         with open(temp_path, 'wb') as f:
@@ -125,7 +125,7 @@ def write_atomic(path, write_fn):
         raise
 
 def remove_stale_temp_files(folder):
-    """Remove the `*.tmp-<pid>` files of write_atomic() in `folder` whose process is gone; returns their names."""
+    """Remove the write_atomic() temp files in `folder` whose process is gone; returns their names."""
     removed = []
     for name in (os.listdir(folder) if os.path.isdir(folder) else []):
         match = re.fullmatch(r'.+\.tmp-(\d+)', name)
@@ -135,12 +135,12 @@ def remove_stale_temp_files(folder):
             except ProcessLookupError:
                 os.remove(os.path.join(folder, name))
                 removed.append(name)
-            except PermissionError: # Someone else's live process.
+            except PermissionError:
                 pass
     return removed
 
 def check_writable(path, name):
-    """Raise ValueError unless `path` (the value of option `name`) can be created in a writable folder."""
+    """ValueError unless `path` (of option `name`) can be created in a writable folder."""
     ancestor = os.path.abspath(path)
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
@@ -157,11 +157,10 @@ def next_run_id(outdir):
     return max(ids, default=-1) + 1
 
 def next_run_dir(outdir, desc):
-    """`outdir/<id>-<desc>` with the id of next_run_id()."""
     return os.path.join(outdir, f'{next_run_id(outdir):05d}-{desc}')
 
 def claim_run_dir(outdir, desc):
-    """Create and return the next run directory; the id is claimed by exclusive creation of `outdir/.run-ids/<id>`."""
+    """Create and return the next run directory, its id claimed by exclusive creation in `outdir/.run-ids`."""
     claims = os.path.join(outdir, '.run-ids')
     os.makedirs(claims, exist_ok=True)
     run_id = next_run_id(outdir)
@@ -175,7 +174,7 @@ def claim_run_dir(outdir, desc):
             run_id += 1
 
 def format_time(seconds):
-    """Human-readable duration, e.g. '45s', '3m 05s', '2h 10m 00s', '1d 02h 00m'."""
+    """E.g. '45s', '3m 05s', '2h 10m 00s', '1d 02h 00m'."""
     s = int(round(seconds))
     if s < 60:
         return f'{s}s'
@@ -208,7 +207,6 @@ def get_module_from_obj_name(obj_name):
     raise ValueError(f'Cannot find "{obj_name}"; give a fully qualified name such as "training.networks.EDMPrecond".')
 
 def get_obj_from_module(module, obj_name):
-    """Follow a dotted attribute path inside a module."""
     obj = module
     for part in obj_name.split('.') if obj_name else []:
         obj = getattr(obj, part)
@@ -218,13 +216,11 @@ def get_obj_by_name(name):
     return get_obj_from_module(*get_module_from_obj_name(name))
 
 def call_func_by_name(*args, func_name=None, **kwargs):
-    """Look up a function or class by its fully qualified name and call it."""
     func = get_obj_by_name(func_name)
     assert callable(func), func_name
     return func(*args, **kwargs)
 
 def construct_class_by_name(*args, class_name=None, **kwargs):
-    """Construct an object of the class with the given fully qualified name."""
     return call_func_by_name(*args, func_name=class_name, **kwargs)
 
 #----------------------------------------------------------------------------
@@ -247,7 +243,6 @@ def make_cache_dir_path(*paths):
     return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
 
 def is_url(obj, allow_file_urls=False):
-    """True for http(s):// URLs, and for file:// URLs when allowed."""
     if not isinstance(obj, str) or '://' not in obj:
         return False
     if allow_file_urls and obj.startswith('file://'):
@@ -287,7 +282,7 @@ def _download(url, num_attempts, verbose):
                     raise IOError('empty response')
                 return res.content
         except requests.exceptions.ConnectionError as err:
-            reason = getattr(err.args[0], 'reason', None) if err.args else None # Failed to resolve or connect?
+            reason = getattr(err.args[0], 'reason', None) if err.args else None
             if isinstance(err, requests.exceptions.ConnectTimeout) or \
                     isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
                 raise IOError(f'Could not download "{url}": no network ({err}); {fix}.') from err
@@ -307,10 +302,9 @@ def _download(url, num_attempts, verbose):
 
 def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True,
     allow_http=False):
-    """Open a path, file:// or https:// URL (http:// only with allow_http or DNNLIB_ALLOW_HTTP=1) as a binary file;
-    downloads are cached atomically with a `.sha256` checksum and reused only when it matches."""
+    """Open a path or URL as a binary file; downloads are cached with a `.sha256` checksum, reused if it matches."""
     assert num_attempts >= 1 and (cache or not return_filename)
-    if not is_url(url_or_path): # A path or a file:// URL.
+    if not is_url(url_or_path):
         path = str(url_or_path)
         if path.startswith('file://'):
             path = urllib.parse.unquote(urllib.parse.urlparse(path).path)

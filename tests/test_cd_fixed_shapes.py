@@ -1,4 +1,4 @@
-"""The fixed-shape distillation step (issue 17) against the numbers of the
+"""The fixed-shape distillation step against the numbers of the
 implementation before it: tests/fixtures/cd_step_reference/reference.pt was
 written by make_reference.py beside it at commit d46cdba, before the rewrite.
 Same seeds, same edges, cases and segments, and the same losses, targets,

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py --device=cpu --tiny: every check is named and passed
-or skipped with a reason, and the throughput rows are all there (issue 17)."""
+or skipped with a reason, and the throughput rows are all there."""
 
 import json
 import os

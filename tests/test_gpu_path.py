@@ -1,4 +1,4 @@
-"""The GPU path on the CPU (issue 17): --precision, --teacher_precision and
+"""The GPU path on the CPU: --precision, --teacher_precision and
 --compile from the command line to the networks, the eager fallback of
 torch.compile, and the step's pieces that need no GPU. What needs one is in
 benchmarks/gpu_check.py."""

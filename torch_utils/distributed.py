@@ -80,7 +80,6 @@ def rank0_first():
             barrier()
 
 def broadcast_object(obj):
-    """Rank 0's value of a picklable object, on every rank."""
     if get_world_size() == 1:
         return obj
     box = [obj]

@@ -15,7 +15,6 @@ import dnnlib
 _constant_cache = dict()
 
 def constant(value, shape=None, dtype=None, device=None, memory_format=None):
-    """Cached constant tensor."""
     value = np.asarray(value)
     shape = tuple(shape) if shape is not None else None
     dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -133,7 +132,6 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
 #----------------------------------------------------------------------------
 
 def unwrap_module(module):
-    """The network inside DDP and torch.compile wrappers."""
     while True:
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):
             module = module.module

@@ -11,8 +11,8 @@ import dnnlib
 
 #----------------------------------------------------------------------------
 
-_version            = 6         # Format version written into every pickle.
-_decorators         = set()     # Every decorated class.
+_version            = 6         # Written into every pickle.
+_decorators         = set()
 _import_hooks       = []        # Callables applied to `meta` before loading.
 _module_to_src_dict = dict()
 _src_to_module_dict = dict()
@@ -20,8 +20,7 @@ _src_to_module_dict = dict()
 #----------------------------------------------------------------------------
 
 def persistent_class(orig_class):
-    """Class decorator: pickled instances embed the source of the defining module and keep `init_args`, `init_kwargs`
-    (unless the constructor sets `self._record_init_args = False`)."""
+    """Class decorator: pickles embed the module's source; init_args/kwargs are kept unless _record_init_args=False."""
     assert isinstance(orig_class, type)
     if is_persistent(orig_class):
         return orig_class
@@ -73,7 +72,6 @@ def _recorded(obj, value, what):
 #----------------------------------------------------------------------------
 
 def is_persistent(obj):
-    """True for a persistent class, or an instance of one."""
     try:
         if obj in _decorators:
             return True

@@ -70,8 +70,7 @@ def report0(name, value, mask=None):
 #----------------------------------------------------------------------------
 
 class Collector:
-    """Statistics over all ranks of the names matching `regex` between the two latest `update()` calls
-    (`keep_previous`: a name without new values keeps its previous figures)."""
+    """Statistics over all ranks of the names matching `regex` between the two latest `update()` calls."""
 
     def __init__(self, regex='.*', keep_previous=True):
         self._regex = re.compile(regex)

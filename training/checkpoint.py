@@ -22,18 +22,17 @@ from torch_utils import persistence
 from training import guidance
 from training import samplers
 
-STATE_FORMAT        = 2                                         # Training-state layout (1: NumPy states as arrays).
-STATE_FORMATS_READ  = (1, 2)                                    # Layouts that load_training_state() reads.
-STATE_V1_GLOBALS    = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType] # Format 1's.
-STATE_RE            = re.compile(r'training-state-(\d+)\.pt')   # File names of training states.
-SAFETENSORS_FORMAT  = 1                                         # Version of the safetensors snapshot header.
+STATE_FORMAT        = 2                                         # 1: NumPy states as arrays.
+STATE_FORMATS_READ  = (1, 2)
+STATE_V1_GLOBALS    = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+STATE_RE            = re.compile(r'training-state-(\d+)\.pt')
+SAFETENSORS_FORMAT  = 1
 SNAPSHOT_MODULES    = tuple(f'training.{m}' for m in ('networks', 'networks_edm2', 'loss', 'loss_cd', 'augment'))
 
 #----------------------------------------------------------------------------
 # Network snapshots.
 
 def is_safetensors(path_or_url):
-    """True for a path or URL whose file name ends in .safetensors."""
     path = str(path_or_url)
     path = urllib.parse.urlparse(path).path if dnnlib.util.is_url(path, allow_file_urls=True) else path
     return path.lower().endswith('.safetensors')
@@ -42,7 +41,7 @@ def safetensors_path(pkl_path):
     return os.path.splitext(pkl_path)[0] + '.safetensors'
 
 def load_snapshot(path_or_url):
-    """Load a network snapshot (rank 0 first); .safetensors unpickles nothing. ValueError if it is none."""
+    """Load a network snapshot (rank 0 first); .safetensors unpickles nothing."""
     fix = 'pass a network-snapshot-*.pkl or its URL'
     if is_safetensors(path_or_url):
         data = load_safetensors(path_or_url)
@@ -50,7 +49,7 @@ def load_snapshot(path_or_url):
         with dist.rank0_first():
             try:
                 f = dnnlib.util.open_url(path_or_url, verbose=(dist.get_rank() == 0))
-            except OSError as err: # A download that failed after its retries.
+            except OSError as err:
                 raise ValueError(str(err)) from err
             with f:
                 try:
@@ -62,7 +61,7 @@ def load_snapshot(path_or_url):
     return data
 
 def consistency_entry(loss_fn):
-    """The `consistency` entry of a student's snapshots: S, its S+1 levels and the teacher's guidance."""
+    """A student snapshot's `consistency` entry: S, its S+1 levels and the teacher's guidance."""
     return dict(S=int(loss_fn.S), student_sigmas=[float(v) for v in loss_fn.student_sigmas().tolist()],
         guidance=guidance.describe(loss_fn.teacher))
 
@@ -80,7 +79,7 @@ def student_levels(data, path='The snapshot'):
     return sigmas
 
 def snapshot_data(ema, loss_fn=None, augment_pipe=None, dataset_kwargs=None, encoder=None, extras=None):
-    """The dict a snapshot pickles, every module a CPU copy in eval mode checked across ranks. Call on all ranks."""
+    """The dict a snapshot pickles, modules as CPU copies in eval mode. Call on all ranks."""
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs or {}))
     if encoder is not None:
         data['encoder'] = encoder
@@ -95,7 +94,7 @@ def snapshot_data(ema, loss_fn=None, augment_pipe=None, dataset_kwargs=None, enc
     return data
 
 def save_snapshot(path, data):
-    """Write a snapshot as a pickle and as safetensors beside it, atomically; ValueError first if it cannot."""
+    """Write a snapshot as a pickle and safetensors beside it, atomically; ValueError before writing if it cannot."""
     form = safetensors_form(data)
     dnnlib.util.write_atomic(path, lambda f: pickle.dump(data, f))
     _write_safetensors(safetensors_path(path), form)
@@ -104,7 +103,7 @@ def save_snapshot(path, data):
 # The safetensors form of snapshots.
 
 def project_class_name(obj):
-    """The name of the persistent class of training/ that `obj` is (or, from a pickle's code, mirrors), or None."""
+    """The name of the persistent class of training/ that `obj` is or mirrors, or None."""
     cls = type(obj)
     if not persistence.is_persistent(cls):
         return None
@@ -118,7 +117,7 @@ def project_class_name(obj):
     return None
 
 def persistent_project_class(name):
-    """The persistent class of training/ with this full name, else None; imports nothing outside training/."""
+    """The persistent class of training/ with this full name, else None."""
     if not isinstance(name, str) or not name.startswith('training.'):
         return None
     try:
@@ -129,7 +128,6 @@ def persistent_project_class(name):
     return cls if ok else None
 
 def _is_plain(value):
-    """True for JSON data (tuples read back as lists)."""
     if isinstance(value, (list, tuple)):
         return all(_is_plain(v) for v in value)
     if isinstance(value, dict):
@@ -143,13 +141,13 @@ def describe(obj):
         return None
     try:
         init_args, init_kwargs = list(obj.init_args), dict(obj.init_kwargs)
-    except ValueError: # Built with _record_init_args = False.
+    except ValueError:
         return None
     ok = _is_plain(init_args) and _is_plain(init_kwargs)
     return dict(class_name=class_name, init_args=init_args, init_kwargs=init_kwargs) if ok else None
 
 def safetensors_form(data):
-    """(metadata, tensors) of a snapshot dict; ValueError for a module that training/ cannot rebuild from JSON."""
+    """(metadata, tensors) of a snapshot dict."""
     entries, tensors, storages = dict(), dict(), set()
     for key, value in data.items():
         if isinstance(value, torch.nn.Module):
@@ -179,7 +177,6 @@ def _write_safetensors(path, form):
     dnnlib.util.write_atomic(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
 
 def save_safetensors(path, data):
-    """Write a snapshot dict in safetensors form to `path`, atomically."""
     _write_safetensors(path, safetensors_form(data))
 
 def load_safetensors(path_or_url):
@@ -188,7 +185,7 @@ def load_safetensors(path_or_url):
     with dist.rank0_first():
         try:
             path = dnnlib.util.open_url(path_or_url, verbose=(dist.get_rank() == 0), return_filename=True)
-        except OSError as err: # A download that failed.
+        except OSError as err:
             raise ValueError(str(err)) from err
     try:
         with safetensors.safe_open(path, framework='pt') as f:
@@ -218,7 +215,7 @@ def load_safetensors(path_or_url):
     return data
 
 def _rebuild(path, key, kind, desc, tensors, fix):
-    """The object of one `module` or `object` entry; takes the module's tensors out of `tensors`."""
+    """The object of one `module` or `object` entry; pops its tensors."""
     class_name = desc.get('class_name') if isinstance(desc, dict) else None
     cls = persistent_project_class(class_name)
     if cls is None or (kind == 'module') != issubclass(cls, torch.nn.Module):
@@ -240,7 +237,6 @@ def _rebuild(path, key, kind, desc, tensors, fix):
     return obj.eval().requires_grad_(False)
 
 def reason(err):
-    """An exception's message on one line, at most 300 characters."""
     text = ' '.join(str(err).split()) or type(err).__name__
     return text if len(text) <= 300 else text[:297] + '...'
 
@@ -248,13 +244,13 @@ def reason(err):
 # Training states.
 
 def find_latest_state(run_dir):
-    """The training state with the most images in `run_dir` (newest file on a tie), or None."""
+    """The training state with the most images in `run_dir` (newest on a tie), or None."""
     paths = [(STATE_RE.fullmatch(name), os.path.join(run_dir, name)) for name in os.listdir(run_dir)]
     found = [(int(m.group(1)), os.path.getmtime(path), path) for m, path in paths if m and os.path.isfile(path)]
     return max(found)[2] if found else None
 
 def find_state(path):
-    """The training state that `path` names: the file itself, or the newest one in a run directory."""
+    """The file itself, or the newest training state in a run directory."""
     if os.path.isdir(path):
         state = find_latest_state(path)
         if state is None:
@@ -266,7 +262,7 @@ def find_state(path):
     return path
 
 def load_training_state(path):
-    """Load a training state onto the CPU with torch.load(weights_only=True), which runs no code of the file."""
+    """Load a training state onto the CPU with torch.load(weights_only=True)."""
     fix = 'pass a training-state-*.pt written by train.py'
     with open(path, 'rb') as f:
         if not zipfile.is_zipfile(f):
@@ -275,7 +271,7 @@ def load_training_state(path):
         try:
             with torch.serialization.safe_globals(STATE_V1_GLOBALS):
                 state = torch.load(f, map_location=torch.device('cpu'), weights_only=True)
-        except Exception as err: # A truncated file, a pickle of other objects, anything torch.load cannot read.
+        except Exception as err: # pylint: disable=broad-except
             why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f'"{path}" cannot be read as a training state ({why}); {fix}.') from err
     if not isinstance(state, dict) or state.get('format') not in STATE_FORMATS_READ:
@@ -286,7 +282,7 @@ def load_training_state(path):
     return state
 
 def training_state(net, ema, pf_ema, optimizer, loss_fn, network_kwargs, loss_kwargs, **progress):
-    """The dict of a training state: the run's objects and its `progress` (cur_nimg, rng_states, settings...)."""
+    """The dict of a training state: the run's objects and its `progress` (cur_nimg, rng_states...)."""
     state_dict = lambda obj: obj.state_dict() if obj is not None else None
     return dict(progress, net=net.state_dict(), ema=state_dict(ema), phema=state_dict(pf_ema),
         phema_stds=(pf_ema.stds if pf_ema is not None else None), optimizer_state=optimizer.state_dict(),
@@ -294,19 +290,18 @@ def training_state(net, ema, pf_ema, optimizer, loss_fn, network_kwargs, loss_kw
         network_kwargs=dict(network_kwargs), loss_kwargs=dict(loss_kwargs))
 
 def restore_training_state(state, net, ema, pf_ema, optimizer, loss_fn):
-    """Load the weights, EMAs, optimizer and loss state of a training state into the run's objects."""
     net.load_state_dict(state['net'])
     for module, key in [(ema, 'ema'), (pf_ema, 'phema')]:
         if module is not None:
             module.load_state_dict(state[key])
     optimizer.load_state_dict(state['optimizer_state'])
-    for group in optimizer.param_groups: # Fused or not is this run's choice (the device's), not the state's.
+    for group in optimizer.param_groups: # Fused or not is this run's choice.
         group['fused'] = optimizer.defaults.get('fused')
     if state.get('loss_state') is not None and hasattr(loss_fn, 'load_state_dict'):
         loss_fn.load_state_dict(state['loss_state'])
 
 def save_training_state(path, state):
-    """torch.save a training state atomically, in the plain types that torch.load(weights_only=True) reads."""
+    """torch.save a training state atomically, in plain types (weights_only)."""
     state = dict(state, format=STATE_FORMAT, network_kwargs=_plain_dicts(state['network_kwargs']),
         loss_kwargs=_plain_dicts(state['loss_kwargs']), loss_state=_plain_dicts(state['loss_state']),
         rng_states=[dict(s, numpy=_numpy_state_to_plain(s['numpy'])) for s in state['rng_states']])
@@ -318,7 +313,6 @@ def _numpy_state_to_plain(state):
         cached_gaussian=float(cached_gaussian))
 
 def _plain_dicts(value):
-    """`value` with every dict (EasyDicts too) a plain dict, through lists and tuples."""
     if isinstance(value, dict):
         return {k: _plain_dicts(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -329,7 +323,7 @@ def _plain_dicts(value):
 # Tensor names and shapes.
 
 def tensor_digest(module):
-    """SHA-256 of the names, dtypes, shapes and values of a module's parameters and buffers."""
+    """SHA-256 of a module's state_dict: names, dtypes, shapes, values."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
@@ -338,19 +332,18 @@ def tensor_digest(module):
     return digest.hexdigest()
 
 def tensor_shapes(module):
-    """{name: shape} of the parameters and buffers of a module."""
     return {name: list(t.shape) for name, t in misc.named_params_and_buffers(module)}
 
 def network_shapes(network_kwargs, interface_kwargs):
-    """{name: shape} of the network the keyword arguments describe, built on the meta device where possible."""
+    """{name: shape} of the network the keywords describe, built on the meta device where possible."""
     try:
         with torch.device('meta'):
             return tensor_shapes(dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs))
-    except (RuntimeError, NotImplementedError): # A constructor that computes with its tensors (e.g. VPPrecond).
+    except (RuntimeError, NotImplementedError): # A constructor that computes (e.g. VPPrecond).
         return tensor_shapes(dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs))
 
 def check_tensors(src_shapes, dst_shapes, what, fix, require_all=False):
-    """ValueError unless the tensors of `what` fit those of the network here by name (with all names: require_all)."""
+    """ValueError unless `src_shapes` fit `dst_shapes` by name (and all names, with require_all)."""
     for name, shape in src_shapes.items():
         if name in dst_shapes and list(shape) != list(dst_shapes[name]):
             raise ValueError(f'{what} holds "{name}" with shape {list(shape)}, '

@@ -19,7 +19,7 @@ SIGMA_RTOL      = 1e-5      # Relative tolerance of "a teacher node is a student
 # One-step maps (cd-spec section 2).
 
 def expand_sigma(sigma, x):
-    """Per-sample noise levels [N] (or a scalar) shaped to broadcast against x [N, ...], in x's dtype."""
+    """Noise levels [N] (or a scalar) shaped to broadcast against x [N, ...], in x's dtype."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return sigma if sigma.ndim == 0 else sigma.reshape([-1] + [1] * (x.ndim - 1))
 
@@ -51,7 +51,7 @@ def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
     return torch.where(positive, x_a + (sb - sa) * ((k1 + k2) / 2), x_e)
 
 def make_denoiser(net, labels=None, augment_labels=None):
-    """An EDM-style network as the `denoise(x, sigma)` of `heun_hop`, with the batch's labels and augment labels."""
+    """An EDM-style network as the `denoise(x, sigma)` of `heun_hop`."""
     kwargs = {} if augment_labels is None else dict(augment_labels=augment_labels)
     return lambda x, sigma: net(x, sigma, labels, **kwargs)
 
@@ -112,16 +112,16 @@ class TeacherGrid:
     """Per-edge tables of one teacher grid: seg, case, sigma_t, sigma_s (hop end), sigma_ref (boundary), gain, probs."""
 
     def __init__(self,
-        T,                          # Target edge count; the grid has T' >= T edges.
-        student,                    # Student grid, S + 1 values ending in 0.
-        sigma_min       = 0.002,    # Lowest positive teacher sigma.
-        sigma_max       = 80,       # Highest teacher sigma.
-        rho             = 7,        # Exponent of the Karras grid.
-        round_sigma     = None,     # The teacher's round_sigma, or None.
+        T,                          # The grid has T' >= T edges.
+        student,                    # S + 1 values ending in 0.
+        sigma_min       = 0.002,
+        sigma_max       = 80,
+        rho             = 7,
+        round_sigma     = None,     # The teacher's, or None.
         sampling_mode   = 'vp',     # 'uniform', 'vp' or 'edm'.
-        terminal_anchor = True,     # Give the terminal edge a fixed probability?
-        terminal_prob   = None,     # That probability; None = 1/T'.
-        device          = 'cpu',    # Device of the tables.
+        terminal_anchor = True,     # Fixed terminal edge probability?
+        terminal_prob   = None,     # None = 1/T'.
+        device          = 'cpu',
     ):
         self.T = int(T)
         self.student = check_student_sigmas(student)
@@ -146,11 +146,11 @@ class TeacherGrid:
             setattr(self, name, value)
 
     def sample(self, n, generator=None):
-        """n edge indices drawn from `probs` with replacement (int64, on the grid's device)."""
+        """n edge indices drawn from `probs` with replacement."""
         return torch.multinomial(self.probs, int(n), replacement=True, generator=generator)
 
 class TeacherGridCache:
-    """TeacherGrid objects by (T, device), built on demand; keeps the `capacity` most recent."""
+    """TeacherGrids by (T, device), built on demand; keeps the `capacity` most recent."""
 
     def __init__(self, capacity=4, **grid_kwargs):
         self.capacity = capacity
@@ -168,17 +168,17 @@ class TeacherGridCache:
         return grid
 
 #----------------------------------------------------------------------------
-# Edge-count annealing (cd-spec section 6) and the student grid of the loss options.
+# Edge-count annealing (cd-spec section 6) and the student grid.
 
 def anneal_T(cur_nimg, T_start=64, T_end=1280, T_anneal_kimg=10000, mode='geometric'):
-    """Teacher edge count after `cur_nimg` images, from T_start to T_end over T_anneal_kimg (`mode`), rounded."""
+    """Teacher edge count after `cur_nimg` images, from T_start to T_end over T_anneal_kimg."""
     assert mode in ANNEAL_MODES and int(T_start) >= 1 and int(T_end) >= 1
     frac = 1.0 if T_anneal_kimg <= 0 else float(np.clip(cur_nimg / (T_anneal_kimg * 1000), 0, 1))
     T = T_start * (T_end / T_start) ** frac if mode == 'geometric' else T_start + frac * (T_end - T_start)
     return int(np.clip(round(T), min(T_start, T_end), max(T_start, T_end)))
 
 def parse_student_sigmas(text):
-    """The `student_sigmas` option as text: a layout name, or the S - 1 interior sigmas as a list of floats."""
+    """`student_sigmas` text: a layout name, or the S - 1 interior sigmas as floats."""
     if text in ('karras', 'karras_open'):
         return text
     try:
@@ -191,7 +191,7 @@ def parse_student_sigmas(text):
     return values
 
 def build_student_sigmas(S, grid='karras', sigma_min=0.002, sigma_max=80, rho=7, round_sigma=None):
-    """Student grid of 'karras', 'karras_open' or the S - 1 interior sigmas (a sequence or comma-separated text)."""
+    """Student grid of 'karras', 'karras_open' or the S - 1 interior sigmas (a sequence or text)."""
     grid = parse_student_sigmas(grid) if isinstance(grid, str) else list(grid)
     layout, interior = (grid, None) if isinstance(grid, str) else ('explicit', grid)
     return student_sigmas(S, layout, sigma_min, sigma_max, rho, interior, round_sigma)

@@ -182,7 +182,6 @@ class ImageFolderDataset(Dataset):
 
     @property
     def is_latent(self):
-        """True for a dataset of raw latents (.npy), False for images."""
         return self._image_fnames[0].lower().endswith(LATENT_EXTENSION)
 
     @property

@@ -66,12 +66,12 @@ class PatchEmbed(torch.nn.Module):
 
 class VisionTransformer(torch.nn.Module):
     def __init__(self,
-        embed_dim   = 1024,     # Token channels (ViT-L: 1024).
-        depth       = 24,       # Number of blocks.
-        num_heads   = 16,       # Attention heads.
-        hidden_dim  = 4096,     # Channels of the MLP.
+        embed_dim   = 1024,     # ViT-L.
+        depth       = 24,       # Blocks.
+        num_heads   = 16,
+        hidden_dim  = 4096,     # Of the MLP.
         patch_size  = 14,       # Pixels per patch side.
-        grid_size   = 37,       # Patches per side of the stored position embedding (518 / 14).
+        grid_size   = 37,       # Of the stored position embedding (518 / 14).
     ):
         super().__init__()
         self.patch_size = patch_size

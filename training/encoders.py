@@ -127,7 +127,6 @@ def dataset_encoder(dataset_obj, vae_name=None):
     return StabilityVAEEncoder(vae_name=(vae_name or recorded.get('vae_name') or VAE_NAME))
 
 def is_latent(encoder):
-    """True for an encoder of latents (any class but StandardRGBEncoder)."""
     return encoder is not None and type(encoder).__name__ != 'StandardRGBEncoder'
 
 def load_vae(

@@ -57,7 +57,6 @@ class GuidedDenoiser(torch.nn.Module):
         return D_g + self.guidance * (D - D_g)
 
 def guided(net, gnet=None, guidance=None, gnet_name=None):
-    """`net` guided by `gnet` with weight `guidance`, or `net` itself without a guide."""
     assert (gnet is None) == (guidance is None)
     return net if gnet is None else GuidedDenoiser(net, gnet, guidance, gnet_name=gnet_name)
 
@@ -75,7 +74,6 @@ def describe(net):
     return None if guided_net is None else dict(weight=guided_net.guidance, gnet=guided_net.gnet_name)
 
 def describe_text(gnet_name, guidance):
-    """' guided by "<gnet>" (guidance <w>)' for a guide, else ''."""
     return f' guided by "{gnet_name}" (guidance {guidance:g})' if gnet_name is not None else ''
 
 #----------------------------------------------------------------------------

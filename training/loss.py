@@ -31,7 +31,6 @@ class VPLoss:
         return _edm_error(net, images, labels, sigma, 1 / sigma ** 2, augment_pipe)
 
     def sigma(self, t):
-        """Noise level at time t of the VP schedule."""
         t = torch.as_tensor(t)
         return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
 

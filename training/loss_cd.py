@@ -19,14 +19,13 @@ LOSSES              = ('l2', 'huber', 'pseudo_huber', 'l2_root')
 WEIGHT_MODES        = ('edm', 'sqrt_karras', 'snr', 'snr+1', 'karras', 'truncated-snr', 'uniform')
 TARGET_MODES        = ('live', 'ema', 'teacher')
 PRECISIONS          = dict(float32=torch.float32, float64=torch.float64)
-HUBER_SCALE         = 0.00054   # Per-element scale of the default pseudo-Huber / Huber constant.
+HUBER_SCALE         = 0.00054   # Per-element scale of the default Huber constants.
 
 def default_terminal_anchor(sampling_mode):
-    """The terminal anchor when none is asked for: off for 'uniform' only."""
     return sampling_mode != 'uniform'
 
 def loss_weight(sigma, mode='sqrt_karras', sigma_data=0.5):
-    """lambda(sigma) of cd-spec section 6 for the noise levels `sigma` (a tensor)."""
+    """lambda(sigma) of cd-spec section 6."""
     sd2 = sigma_data ** 2
     return {
         'edm':              lambda: (sigma ** 2 + sd2) / (sigma * sigma_data) ** 2,
@@ -39,7 +38,7 @@ def loss_weight(sigma, mode='sqrt_karras', sigma_data=0.5):
     }[mode]()
 
 def distance(diff, mode='pseudo_huber', huber_c=None):
-    """(per_element, per_sample) distance of cd-spec section 6 for `diff` [N, ...]; per_sample sums per_element."""
+    """(per_element, per_sample) distance of cd-spec section 6 for `diff` [N, ...]."""
     flat = diff.flatten(1)
     num = flat.shape[1]
     if mode == 'l2':
@@ -66,26 +65,26 @@ class ConsistencyDistillLoss:
 
     def __init__(self, *,
         S                       = 8,                # Student steps (segments).
-        T_start                 = 64,               # Teacher edges at the start of training.
+        T_start                 = 64,               # Teacher edges at the start.
         T_end                   = 1280,             # Teacher edges after the annealing.
-        T_anneal_kimg           = 10000,            # Length of the annealing in kimg; 0 = T_end at once.
-        T_anneal                = 'geometric',      # Interpolation of T: 'geometric' or 'linear'.
-        rho                     = 7,                # Exponent of the Karras grids.
-        sigma_min               = 0.002,            # Lowest positive noise level.
-        sigma_max               = 80,               # Highest noise level.
-        sigma_data              = 0.5,              # Standard deviation of the data.
+        T_anneal_kimg           = 10000,            # 0 = T_end at once.
+        T_anneal                = 'geometric',      # Or 'linear'.
+        rho                     = 7,
+        sigma_min               = 0.002,
+        sigma_max               = 80,
+        sigma_data              = 0.5,
         student_sigmas          = 'karras',         # 'karras', 'karras_open' or the S - 1 interior sigmas.
-        sampling_mode           = 'vp',             # Edge sampling: 'uniform', 'vp' or 'edm'.
+        sampling_mode           = 'vp',             # 'uniform', 'vp' or 'edm'.
         terminal_anchor         = None,             # Fixed terminal edge probability? None = off for 'uniform'.
-        terminal_prob           = None,             # That probability, in (0, 1); None = 1/T'.
+        terminal_prob           = None,             # In (0, 1); None = 1/T'.
         terminal_teacher_hop    = False,            # Terminal reference D_teacher(x_t) instead of the image?
-        target_mode             = 'ema',            # Target network: 'live', 'ema' or 'teacher'.
+        target_mode             = 'ema',            # 'live', 'ema' or 'teacher'.
         target_ema              = 0.95,             # Per-step decay of the 'ema' target.
         sync_dropout            = True,             # Replay the student's dropout masks in the target pass?
-        loss                    = 'pseudo_huber',   # Distance: one of LOSSES.
+        loss                    = 'pseudo_huber',   # One of LOSSES.
         huber_c                 = None,             # c of pseudo_huber, delta of huber; None = from HUBER_SCALE.
-        weight_mode             = 'sqrt_karras',    # lambda(sigma): one of WEIGHT_MODES.
-        precision               = 'float32',        # Arithmetic of hops, DDIM and loss: 'float32' or 'float64'.
+        weight_mode             = 'sqrt_karras',    # One of WEIGHT_MODES.
+        precision               = 'float32',        # Of hops, DDIM and loss.
         addim_scale             = 0,                # Variance scale of the aDDIM bridge; 0 = DDIM.
         addim_prior             = 0.5,              # Prior variance of the aDDIM posterior.
     ):
@@ -114,11 +113,11 @@ class ConsistencyDistillLoss:
         self.set_teacher(None)
 
     def _init_runtime(self):
-        self._teacher = None        # Frozen teacher network.
+        self._teacher = None
         self._target = None         # Fast EMA of the student ('ema' mode).
-        self._target_state = None   # Target state_dict waiting for the target to exist.
-        self._grids = None          # TeacherGridCache for the current teacher.
-        self._compile_fn = None     # compile_fn(module) -> callable for teacher and target; None = eager.
+        self._target_state = None   # Waiting for the target to exist.
+        self._grids = None          # TeacherGridCache.
+        self._compile_fn = None     # None = eager.
         self._compiled = dict()     # id(module) -> (module, its compiled form).
 
     def __getstate__(self):
@@ -135,7 +134,7 @@ class ConsistencyDistillLoss:
 
     @property
     def T(self):
-        """The annealed teacher edge count for the images seen so far."""
+        """The annealed teacher edge count."""
         return ops.anneal_T(self.cur_nimg, self.T_start, self.T_end, self.T_anneal_kimg, self.T_anneal)
 
     @property
@@ -143,7 +142,7 @@ class ConsistencyDistillLoss:
         return self._teacher
 
     def set_teacher(self, teacher_net):
-        """Attach the frozen teacher (None detaches it) and rebuild the grids with its round_sigma; returns self."""
+        """Attach the frozen teacher (None detaches it) and rebuild the grids with its round_sigma."""
         if teacher_net is not None:
             teacher_net.eval().requires_grad_(False)
         round_sigma = getattr(teacher_net, 'round_sigma', None)
@@ -163,7 +162,7 @@ class ConsistencyDistillLoss:
             if name.startswith('logvar_') or (augment_pipe is None and 'map_augment' in name.split('.'))]
 
     def set_compile(self, compile_fn):
-        """Evaluate the teacher and the target through `compile_fn(module)`; None = eager. Returns self."""
+        """Evaluate the teacher and the target through `compile_fn(module)`; None = eager."""
         self._compile_fn, self._compiled = compile_fn, dict()
         return self
 
@@ -175,17 +174,17 @@ class ConsistencyDistillLoss:
         return self._compiled[id(module)][1]
 
     def student_sigmas(self):
-        """The student grid: S + 1 descending noise levels ending in 0 (float64 tensor)."""
+        """S + 1 descending noise levels ending in 0 (float64)."""
         return torch.tensor(self._student_sigmas, dtype=torch.float64)
 
     def grid(self, device='cpu', T=None):
-        """The TeacherGrid for T (default: the current annealed T) on `device`."""
+        """The TeacherGrid for T (default: the current one)."""
         if self._grids is None:
             self.set_teacher(None)
         return self._grids.get(self.T if T is None else T, device)
 
     def set_progress(self, cur_nimg):
-        """Tell the loss how many training images have been seen (drives the T annealing)."""
+        """Images seen so far (drives the T annealing)."""
         self.cur_nimg = int(cur_nimg)
 
     def _new_target(self, student):
@@ -197,7 +196,7 @@ class ConsistencyDistillLoss:
 
     @torch.no_grad()
     def update_target(self, net, finite=None):
-        """After an optimizer step, move the 'ema' target towards the student, unless `finite` is false."""
+        """Move the 'ema' target towards the student after a step, unless `finite` is false."""
         if self.target_mode != 'ema':
             return
         student = misc.unwrap_module(net)
@@ -214,18 +213,18 @@ class ConsistencyDistillLoss:
 
     @property
     def target(self):
-        """The 'ema' target network (None before the first training step)."""
+        """None before the first training step."""
         return self._target
 
     def state_dict(self):
-        """Resume state: images seen and the 'ema' target's parameters (CPU copies)."""
+        """Images seen and the 'ema' target's parameters (CPU copies)."""
         target = self._target.state_dict() if self._target is not None else self._target_state
         if target is not None:
             target = {name: value.detach().to('cpu', copy=True) for name, value in target.items()}
         return dict(cur_nimg=int(self.cur_nimg), target=target)
 
     def load_state_dict(self, state):
-        """Restore what state_dict() returned; the target is applied when it exists (or is next created)."""
+        """The target is applied when it exists (or is next created)."""
         self.set_progress(state['cur_nimg'])
         target = state.get('target', None)
         if target is not None and self._target is not None:
@@ -243,7 +242,7 @@ class ConsistencyDistillLoss:
                     'distill into a network of the teacher\'s shape.')
         tensors = list(teacher.parameters()) + list(teacher.buffers()) if isinstance(teacher, torch.nn.Module) else []
         if len(tensors) > 0 and tensors[0].device != images.device:
-            teacher.to(images.device) # The teacher follows the data to its device.
+            teacher.to(images.device)
         res, ch = getattr(teacher, 'img_resolution', None), getattr(teacher, 'img_channels', None)
         bad = images.ndim != 4 or (ch is not None and images.shape[1] != ch)
         if bad or (res is not None and images.shape[2:] != (res, res)):
@@ -252,7 +251,7 @@ class ConsistencyDistillLoss:
 
     @torch.no_grad()
     def draw(self, net, images, labels=None, augment_pipe=None):
-        """Everything of one training draw that needs no gradient (cd-spec section 4), in fixed shapes."""
+        """Everything of one training draw that needs no gradient (cd-spec section 4)."""
         student = misc.unwrap_module(net)
         self._check(student, images)
         dtype, device, N = self.dtype, images.device, images.shape[0]
@@ -266,12 +265,12 @@ class ConsistencyDistillLoss:
         x_t = y + ops.expand_sigma(sigma_t, y) * torch.randn_like(y)
         rows = lambda mask: ops.expand_sigma(mask, y).to(torch.bool)
 
-        # Teacher: Heun hops of boundary and general samples, optionally the terminal D_teacher(x_t).
+        # Teacher: Heun hops.
         teacher = self._run(self._teacher)
         x_s = ops.heun_hop(ops.make_denoiser(teacher, labels, augment_labels), x_t, sigma_t, sigma_s, dtype=dtype)
         x_ref = x_s if self.terminal_teacher_hop else torch.where(rows(case != ops.TERMINAL), x_s, y)
 
-        # Target network: x_ref of the general samples = DDIM of its prediction from sigma_s to the boundary.
+        # Target: x_ref of the general samples = DDIM of its prediction from sigma_s to the boundary.
         if self.target_mode == 'ema' and self._target is None:
             self._target = self._new_target(student) # The student before its first step, on every rank.
         target_net = teacher if self.target_mode == 'teacher' else \
@@ -310,7 +309,7 @@ class ConsistencyDistillLoss:
         return loss
 
     def _report(self, d, per_sample):
-        """Diagnostics of cd-spec section 7, as masked moments on the device."""
+        """Diagnostics of cd-spec section 7, on the device."""
         per_sample = per_sample.to(torch.float64)
         gain = d.gain.to(torch.float64)
         training_stats.report('CD/loss', per_sample)

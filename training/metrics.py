@@ -19,11 +19,11 @@ from training import dinov2
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/' \
     'inception-2015-12-05.pkl'
 DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
-INCEPTION_NAME, DINOV2_NAME, PIXELS_NAME = 'inception', 'dinov2', 'pixels' # Detector names.
-METRIC_KEYS = {INCEPTION_NAME: 'fid', DINOV2_NAME: 'fd_dinov2', PIXELS_NAME: 'fd_pixels'} # Detector -> EDM2's metric.
-LABELS = {'fid': 'FID', 'fd_dinov2': 'FD-DINOv2', 'fd_pixels': 'FD-pixels'} # Metric -> printed name.
-FEATURE_LABELS = {'fid': 'Inception', 'fd_dinov2': 'DINOv2', 'fd_pixels': 'pixels'} # Metric -> its features.
-PR_NAME = 'pr' # Metric name of precision and recall.
+INCEPTION_NAME, DINOV2_NAME, PIXELS_NAME = 'inception', 'dinov2', 'pixels'
+METRIC_KEYS = {INCEPTION_NAME: 'fid', DINOV2_NAME: 'fd_dinov2', PIXELS_NAME: 'fd_pixels'} # EDM2's metric names.
+LABELS = {'fid': 'FID', 'fd_dinov2': 'FD-DINOv2', 'fd_pixels': 'FD-pixels'}
+FEATURE_LABELS = {'fid': 'Inception', 'fd_dinov2': 'DINOv2', 'fd_pixels': 'pixels'}
+PR_NAME = 'pr' # Precision and recall.
 
 #----------------------------------------------------------------------------
 # Detectors.
@@ -62,20 +62,20 @@ class DINOv2Detector(torch.nn.Module):
         return self.vit(self.preprocess(images))
 
 class Detector:
-    """A feature network with its name; called on uint8 images [N, C, H, W], gives float64 features [N, D]."""
+    """A named feature network: uint8 images [N, C, H, W] -> float64 features [N, D]."""
 
     def __init__(self,
-        name,       # 'inception', 'dinov2', 'pixels', or the path/URL of a pickled network.
-        net,        # Callable as net(uint8 images [N, C, H, W], return_features=True).
-        device,     # Device that the images are moved to.
+        name,       # 'inception', 'dinov2', 'pixels', or a pickle's path/URL.
+        net,        # net(uint8 images, return_features=True).
+        device,     # Device of the images.
     ):
         self.name, self.net, self.device = name, net, torch.device(device)
         self.is_pixels = name == PIXELS_NAME
-        self.key = METRIC_KEYS.get(name, 'fid') # Its metric: a pickled network stands in for Inception-v3.
+        self.key = METRIC_KEYS.get(name, 'fid') # A pickled network stands in for Inception-v3.
         self.label, self.feature_label = LABELS[self.key], FEATURE_LABELS[self.key]
 
     def feature_dim(self, image_shape):
-        """Number of features of images [C, H, W]; a ValueError if the network cannot take them."""
+        """Number of features of images [C, H, W]."""
         try:
             return self(torch.zeros([1, *image_shape], dtype=torch.uint8)).shape[1]
         except RuntimeError as err:
@@ -97,20 +97,19 @@ class Detector:
         return features.to(torch.float64)
 
 def detector_name(detector):
-    """'inception' or 'dinov2' for those detectors (also given by their URLs), else the name as given."""
     return {INCEPTION_URL: INCEPTION_NAME, DINOV2_URL: DINOV2_NAME}.get(detector, str(detector))
 
 _detector_cache = dict() # (name, device, cache_dir) -> Detector
 
 def load_detector(
-    detector    = INCEPTION_NAME,   # 'inception', 'dinov2', 'pixels', or the path/URL of a pickled network.
-    device      = 'cpu',            # Device to run the detector on.
-    cache_dir   = None,             # Download cache, None = dnnlib's default.
-    num_attempts= 10,               # Download attempts before giving up.
+    detector    = INCEPTION_NAME,   # 'inception', 'dinov2', 'pixels', or a pickle's path/URL.
+    device      = 'cpu',
+    cache_dir   = None,             # None = dnnlib's default.
+    num_attempts= 10,               # Download attempts.
     verbose     = True,             # Report downloads on rank 0?
-    option      = None,             # The calling script's option that named it, for the messages.
+    option      = None,             # The script's option that named it, for messages.
 ):
-    """Load a detector once per process; rank 0 downloads first, the others then read the cache."""
+    """Load a detector once per process; rank 0 downloads first."""
     name = detector_name(detector)
     key = (name, str(torch.device(device)), cache_dir)
     if key not in _detector_cache:
@@ -156,7 +155,7 @@ def _load_network(name, option, **load):
             f'or use {_use(option, PIXELS_NAME)}.') from err
     except ValueError as err:
         if dnnlib.util.is_url(url, allow_file_urls=True):
-            raise # Plain http, or a cached copy without its checksum.
+            raise
         raise ValueError(f'Detector "{name}" is neither an existing file nor an http(s):// URL; {fix}.') from err
     try:
         with f:
@@ -171,12 +170,12 @@ def _load_network(name, option, **load):
 # Feature statistics.
 
 class FeatureStats:
-    """Count, sum and sum of outer products of features in float64, and the features of the dataset rows keep_rows."""
+    """Float64 count, sum and sum of outer products of features; keeps the features of the rows keep_rows."""
 
     def __init__(self, device='cpu', keep_rows=None):
         self.device = torch.device(device)
-        self.num = 0            # Number of feature vectors.
-        self.sum = None         # Sum of x, [D].
+        self.num = 0
+        self.sum = None         # [D]
         self.sum_outer = None   # Sum of x x^T, [D, D].
         self.keep_rows = None if keep_rows is None else np.asarray(keep_rows)
         self.features = []      # Kept features, float32 [n, D] ...
@@ -205,7 +204,6 @@ class FeatureStats:
             self.rows.append(np.asarray(rows)[kept])
 
     def all_reduce(self):
-        """Sum the statistics of all ranks, in place."""
         if not dist.is_distributed():
             return self
         dim = torch.tensor([self.dim or 0], dtype=torch.int64, device=self.device)
@@ -225,7 +223,7 @@ class FeatureStats:
         return self
 
     def feature_array(self):
-        """The kept features [N, D] as a float32 numpy array, in the order of their rows."""
+        """The kept features, float32 [N, D], in the order of their rows."""
         if not self.features:
             return np.zeros([0, self.dim or 0], dtype=np.float32)
         return torch.cat(self.features).numpy()[np.argsort(np.concatenate(self.rows), kind='stable')]
@@ -239,16 +237,16 @@ class FeatureStats:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 def compute_feature_stats(
-    images,                 # uint8 images [N, C, H, W], or an iterable of such batches or of (images, labels).
-    detector,               # A Detector from load_detector(), or a list of them.
-    batch_size  = 64,       # Images per detector call, for a tensor or array.
-    all_reduce  = True,     # Sum over ranks? Every rank must then call this.
-    progress    = False,    # Show a progress bar?
+    images,                 # uint8 [N, C, H, W], or batches of them or of (images, labels).
+    detector,               # A Detector, or a list of them.
+    batch_size  = 64,       # For a tensor or array.
+    all_reduce  = True,     # Sum over ranks (all must call)?
+    progress    = False,
     total       = None,     # Number of batches, for the progress bar.
-    keep_rows   = None,     # Keep the features of these dataset rows too (precision and recall) ...
-    batch_rows  = None,     # ... given the dataset rows of every batch.
+    keep_rows   = None,     # Keep the features of these dataset rows ...
+    batch_rows  = None,     # ... given the rows of every batch.
 ):
-    """FeatureStats of the images; a list, from one pass, for a list of detectors."""
+    """FeatureStats of the images; a list for a list of detectors."""
     detectors = list(detector) if isinstance(detector, (list, tuple)) else [detector]
     stats = [FeatureStats(device=det.device, keep_rows=keep_rows) for det in detectors]
     if isinstance(images, (torch.Tensor, np.ndarray)):
@@ -266,12 +264,12 @@ def compute_feature_stats(
     return stats if isinstance(detector, (list, tuple)) else stats[0]
 
 def open_image_dataset(
-    path,                   # Folder or zip of images.
-    num         = None,     # Use this many images, None = all.
-    seed        = 0,        # Seed of the random subset when there are more than num.
-    kind        = 'images', # Files to read (ImageFolderDataset): images, not the latents saved beside them.
+    path,                   # Folder or zip.
+    num         = None,     # None = all.
+    seed        = 0,        # Of the random subset.
+    kind        = 'images', # Not the latents saved beside them.
 ):
-    """An ImageFolderDataset of exactly `num` images (all if None), EDM's rule for FID, its headers checked."""
+    """An ImageFolderDataset of exactly `num` images (all if None), its headers checked."""
     images = dataset.ImageFolderDataset(path=path, kind=kind, max_size=num, random_seed=seed)
     images.check_headers()
     if num is not None and len(images) < num:
@@ -282,15 +280,15 @@ def open_image_dataset(
     return images
 
 def compute_dataset_stats(
-    images,                 # An ImageFolderDataset, e.g. from open_image_dataset().
-    detector,               # A Detector from load_detector(), or a list of them.
-    batch_size  = 64,       # Images per detector call on each rank.
-    num_workers = 2,        # Data loader processes per rank.
-    progress    = False,    # Show a progress bar?
-    keep_num    = None,     # Also keep the features of this many images (precision and recall) ...
-    keep_seed   = 0,        # ... chosen with this seed, the same for any number of ranks.
+    images,                 # An ImageFolderDataset.
+    detector,               # A Detector, or a list of them.
+    batch_size  = 64,       # Per rank.
+    num_workers = 2,        # Per rank.
+    progress    = False,
+    keep_num    = None,     # Also keep the features of this many images ...
+    keep_seed   = 0,        # ... chosen with this seed, for any number of ranks.
 ):
-    """FeatureStats of a dataset (a list for a list of detectors), each rank reading every world_size-th image."""
+    """FeatureStats of a dataset (a list for a list of detectors)."""
     indices = np.arange(dist.get_rank(), len(images), dist.get_world_size())
     batches = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=num_workers)
@@ -307,7 +305,7 @@ REF_PICKLE_GLOBALS = {('numpy', 'ndarray'), ('numpy', 'dtype')} | {(f'numpy.{cor
     ('numeric', '_frombuffer')]}
 
 class _RefUnpickler(pickle.Unpickler):
-    """Unpickles dicts, numbers, strings and numpy arrays, nothing that runs code."""
+    """Unpickles dicts, numbers, strings and numpy arrays only."""
 
     def find_class(self, module, name):
         if (module, name) not in REF_PICKLE_GLOBALS:
@@ -315,8 +313,7 @@ class _RefUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 def load_ref_stats(path_or_url, detector=INCEPTION_NAME, cache_dir=None, need_features=False):
-    """Reference statistics of `detector` from an .npz or EDM2-style pickle: EasyDict(mu, sigma, detector, path,
-    features), detector and features None where the file has none."""
+    """EasyDict(mu, sigma, detector, path, features) from an .npz or EDM2 pickle; None where the file has none."""
     name = detector_name(detector)
     metric = METRIC_KEYS.get(name, 'fid')
     def error(what, fix='pass statistics written by fid.py ref or published with EDM or EDM2'):
@@ -346,7 +343,7 @@ def load_ref_stats(path_or_url, detector=INCEPTION_NAME, cache_dir=None, need_fe
             raise error(f'hold a {type(data).__name__}, not a dict of statistics per metric')
         key = METRIC_KEYS.get(name, name)
         if key not in data and name not in METRIC_KEYS:
-            key = 'fid' # A pickled network stands in for Inception-v3.
+            key = 'fid'
         if not isinstance(data.get(key), dict):
             have = ', '.join(sorted(k for k, v in data.items() if isinstance(v, dict))) or 'none'
             raise error(f'hold no statistics of detector "{name}" (they have: {have})',
@@ -369,7 +366,7 @@ def load_ref_stats(path_or_url, detector=INCEPTION_NAME, cache_dir=None, need_fe
     return dnnlib.EasyDict(mu=mu, sigma=sigma, detector=ref_detector, path=str(path_or_url), features=features)
 
 def save_ref_stats(path, mu, sigma, detector):
-    """Write mu, sigma and the detector name to an .npz file, atomically."""
+    """Write mu, sigma and the detector name to an .npz, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     dnnlib.util.write_atomic(path, lambda f: np.savez(f, mu=np.asarray(mu, dtype=np.float64),
         sigma=np.asarray(sigma, dtype=np.float64), detector=np.array(str(detector))))
@@ -381,10 +378,10 @@ def subsample(features, num, seed=0):
     return features[np.sort(np.random.RandomState(seed).choice(features.shape[0], size=num, replace=False))]
 
 def save_ref_pickle(path, num_images, entries):
-    """Write an EDM2-style pickle, atomically; `entries` maps detector names to dict(mu, sigma, optional features)."""
+    """Write an EDM2-style pickle, atomically; `entries`: {detector name: dict(mu, sigma, [features])}."""
     data = dict(num_images=int(num_images))
     for name, entry in entries.items():
-        key = METRIC_KEYS.get(name, name) # A pickled network under its own name.
+        key = METRIC_KEYS.get(name, name)
         data[key] = dict(mu=np.asarray(entry['mu'], dtype=np.float64),
             sigma=np.asarray(entry['sigma'], dtype=np.float64), detector=str(name))
         if entry.get('features') is not None:
@@ -393,7 +390,7 @@ def save_ref_pickle(path, num_images, entries):
     dnnlib.util.write_atomic(path, lambda f: pickle.dump(data, f))
 
 def check_ref_stats(ref, detector_name, dim=None):
-    """Refuse reference statistics of another kind of detector, or with another number of features than `dim`."""
+    """Refuse reference statistics of another detector kind or feature count."""
     fix = f'compute the reference with the same detector: "{detector_name}"'
     if ref.detector is not None and METRIC_KEYS.get(ref.detector, 'fid') != METRIC_KEYS.get(detector_name, 'fid'):
         raise ValueError(f'Reference statistics "{ref.path}" come from detector "{ref.detector}" but the images go '
@@ -406,7 +403,7 @@ def check_ref_stats(ref, detector_name, dim=None):
 # Fréchet distance, precision and recall, agreement.
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 without a matrix square root."""
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64, without sqrtm."""
     mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
     sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
     assert mu1.ndim == 1 and mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2
@@ -421,13 +418,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(np.square(mu1 - mu2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 def precision_recall(
-    real,                   # Features of the reference images [N, D].
-    fake,                   # Features of the generated images [M, D].
-    k           = 3,        # Neighbours that define each set's manifold.
+    real,                   # Reference features [N, D].
+    fake,                   # Generated features [M, D].
+    k           = 3,        # Neighbours that define a manifold.
     batch       = 1024,     # Rows per distance block.
-    device      = 'cpu',    # Device of the distance computations.
+    device      = 'cpu',
 ):
-    """Precision (share of fake features within the k-th-neighbour balls of the real ones) and recall (the converse)."""
+    """Precision (share of fake features within the k-NN balls of the real ones) and recall (the converse)."""
     real = torch.as_tensor(real).to(device, torch.float64)
     fake = torch.as_tensor(fake).to(device, torch.float64)
     for what, x in [('reference', real), ('generated', fake)]:
@@ -435,14 +432,14 @@ def precision_recall(
             raise ValueError(f'Precision and recall with k={k} need more than {k} {what} feature vectors, '
                 f'not {list(x.shape)}; use more images.')
     assert real.shape[1] == fake.shape[1]
-    def share_within(x, anchors): # Share of x within the k-th-neighbour balls of the anchors.
+    def share_within(x, anchors):
         blocks = lambda y, fn: torch.cat([fn(y[i : i + batch]) for i in range(0, len(y), batch)])
         radii = blocks(anchors, lambda a: torch.cdist(a, anchors).kthvalue(k + 1, dim=1).values)
         return blocks(x, lambda a: (torch.cdist(a, anchors) <= radii).any(1)).double().mean().item()
     return dict(precision=share_within(fake, real), recall=share_within(real, fake))
 
 def agreement(mse):
-    """RMSE and PSNR (peak-to-peak 2) of images in [-1, 1] whose mean squared difference to their references is mse."""
+    """RMSE and PSNR (peak-to-peak 2) of images in [-1, 1] from their mean squared difference to the references."""
     return dict(agree_rmse=math.sqrt(mse), agree_psnr=(10 * math.log10(4 / mse) if mse > 0 else float('inf')))
 
 #----------------------------------------------------------------------------

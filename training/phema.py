@@ -57,7 +57,6 @@ class PowerFunctionEMA:
 
     @torch.no_grad()
     def reset(self):
-        """Set every EMA to the current parameters."""
         for ema in self.emas:
             for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
                 p_ema.copy_(p_net)

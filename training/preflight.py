@@ -1,6 +1,5 @@
-"""Everything a run starts from, read and checked before any work: the rules across train.py's options, the
-dataset, the teacher, the snapshot to start from, the training state and validation. The one library module
-whose messages name the scripts' options; its ValueErrors stop the scripts with their sentence."""
+"""Everything a run starts from, read and checked before any work: train.py's option rules, dataset, teacher,
+starting snapshot, training state, validation. The one library module whose messages name the scripts' options."""
 
 import importlib
 import os
@@ -20,10 +19,10 @@ from training import samplers
 from training import training_loop
 
 #----------------------------------------------------------------------------
-# Rules across the options of train.py (click has checked each value on its own).
+# Rules across train.py's options (click checked each value).
 
 def check_options(opts, given, cd_options):
-    """Raise ValueError for options that do not fit together (`given`: the names on the command line)."""
+    """ValueError for options that do not fit together (`given`: the names on the command line)."""
     if opts.preset is not None and 'arch' in given and opts.arch != 'edm2':
         raise ValueError(f'--preset={opts.preset} is an EDM2 preset, but --arch={opts.arch}; '
             'pass --arch=edm2 or leave --arch out.')
@@ -69,14 +68,14 @@ def check_options(opts, given, cd_options):
             f'pass --resume={opts.outdir} to continue it, or another --outdir.')
 
 def parse_student_sigmas(text):
-    """--student_sigmas as the loss takes it: a layout name or the list of interior sigmas."""
+    """--student_sigmas as the loss takes it."""
     try:
         return consistency_ops.parse_student_sigmas(text)
     except ValueError as err:
         raise ValueError(f'--{err}') from err
 
 def check_guidance(gnet, guidance):
-    """Raise ValueError for a guidance weight that does not fit the presence of a guide (train.py and generate.py)."""
+    """ValueError for a guidance weight that does not fit the presence of a guide."""
     if gnet is None and guidance is not None:
         raise ValueError(f'--guidance={guidance:g} needs a guiding network; '
             'pass --gnet=PKL|URL, or leave --guidance out.')
@@ -88,7 +87,6 @@ def check_guidance(gnet, guidance):
             'pass a weight of 0 or more (0 = the guide alone, 1 = no guidance).')
 
 def check_wandb():
-    """Check that wandb can be imported, before any work."""
     try:
         importlib.import_module('wandb')
     except Exception as err: # pylint: disable=broad-except
@@ -98,11 +96,11 @@ def check_wandb():
 #----------------------------------------------------------------------------
 # Networks of snapshots on the project's classes.
 
-INTERFACE_KWARGS    = ('img_resolution', 'img_channels', 'label_dim')   # Constructor arguments that the data gives.
+INTERFACE_KWARGS    = ('img_resolution', 'img_channels', 'label_dim')   # What the data gives.
 PROBE_TOLERANCE     = 1e-5                                              # Largest relative error of a rebuilt network.
 
 def network_description(net, what='The teacher'):
-    """dict(class_name, **constructor keywords) of a network of a class of training/, less what the data gives."""
+    """dict(class_name, **constructor keywords) of a network of training/, less what the data gives."""
     desc = checkpoint.describe(net)
     if desc is None or desc['init_args']:
         raise ValueError(f'{what} is a {type(net).__qualname__}, a class this project has no implementation of (or whose '
@@ -112,7 +110,7 @@ def network_description(net, what='The teacher'):
     return dict(class_name=desc['class_name'], **kwargs)
 
 def probe_outputs(net, seed=0):
-    """The outputs of a network on a fixed probe batch of three noise levels (float32, CPU, no gradients)."""
+    """The outputs of a network on a fixed probe batch (float32, CPU)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn([3, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
     sigma = torch.tensor([0.02, 0.8, 20.0])
@@ -121,8 +119,7 @@ def probe_outputs(net, seed=0):
         return net(x * (1 + sigma.reshape(-1, 1, 1, 1)), sigma, labels).to(torch.float32)
 
 def on_project_class(net, what='The teacher'):
-    """A network of a pickle's embedded code rebuilt on the project's class of the same name, when both give the same
-    outputs on a probe batch; else, with a warning, the network itself."""
+    """A pickled network rebuilt on the project's class of its name if the outputs agree; else, warning, itself."""
     name = checkpoint.project_class_name(net)
     if name is None or type(net) is checkpoint.persistent_project_class(name):
         return net
@@ -145,7 +142,6 @@ def on_project_class(net, what='The teacher'):
 # The files and objects a run starts from.
 
 def _open_dataset(dataset_kwargs):
-    """The dataset object; its errors name --data, or --cond for missing labels."""
     try:
         return dnnlib.util.construct_class_by_name(**dataset_kwargs)
     except ValueError as err:
@@ -156,15 +152,13 @@ def _open_dataset(dataset_kwargs):
         raise ValueError(f'--data: {err}') from err
 
 def _load_network(path, option):
-    """The `ema` network of a snapshot; its errors name the option that gave the path."""
     try:
         return checkpoint.load_snapshot(path)['ema']
     except ValueError as err:
         raise ValueError(f'{option}: {err}') from err
 
 def load_teacher(teacher_pkl, gnet_pkl=None, guidance=None):
-    """The frozen teacher of a distillation: the `ema` of `teacher_pkl` on the project's class, guided by the `ema` of
-    `gnet_pkl` with weight `guidance`."""
+    """The frozen teacher: the `ema` of `teacher_pkl`, guided by that of `gnet_pkl` with weight `guidance`."""
     check_guidance(gnet_pkl, guidance)
     dist.print0(f'Loading the teacher "{teacher_pkl}"...')
     net = on_project_class(_load_network(teacher_pkl, '--teacher'))
@@ -179,8 +173,7 @@ def load_teacher(teacher_pkl, gnet_pkl=None, guidance=None):
     return guidance_lib.guided(net, gnet, guidance, gnet_name=gnet_pkl).eval().requires_grad_(False)
 
 def _check_fits_data(net, dataset_obj, data, where, interface):
-    """A network's resolution, channels and classes against the dataset of the run
-    (`interface`: those of the network it implies, after the encoder)."""
+    """A network's resolution, channels and classes against the run's `interface` (after the encoder)."""
     values = {}
     for attr in ('img_resolution', 'img_channels', 'label_dim'):
         values[attr] = getattr(net, attr, None)
@@ -206,13 +199,12 @@ def _check_fits_data(net, dataset_obj, data, where, interface):
             raise ValueError(f'{where} is unconditional, but this run has --cond=True; pass --cond=False.')
         raise ValueError(f'{where} is conditioned on {labels} classes, but {data} has {dataset_obj.label_dim}; pass a dataset with the teacher\'s {labels} classes.')
 
-RESUME_KEEPS = ( # Settings a resumed run may change and stay one run; a change of any other is refused.
+RESUME_KEEPS = ( # Settings a resumed run may change.
     'total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'validation_fn', 'val_every', 'val_at_start', 'data_loader_kwargs',
     'dataset_kwargs.path', 'dataset_kwargs.cache', 'batch_gpu', 'cudnn_benchmark', 'max_bad_steps', 'teacher_pkl', 'gnet_pkl', 'vae_name',
     'teacher_precision', 'compile_networks')
 def _check_resume(state, path, shapes, settings, loss_fn, teacher_digest):
-    """A training state against the settings of the run that continues it: RESUME_KEEPS changes are logged, others
-    refused (states without settings are compared on their network and loss)."""
+    """A training state against the run's settings: RESUME_KEEPS changes are logged, others refused."""
     what, fix = f'The --resume state "{path}"', 'resume with the options of the run that wrote it'
     checkpoint.check_tensors({k: v.shape for k, v in state['net'].items()}, shapes, what, fix, require_all=True)
     old = state.get('settings') or training_loop.run_settings(dict(network_kwargs=state['network_kwargs'], loss_kwargs=state['loss_kwargs']))
@@ -220,7 +212,7 @@ def _check_resume(state, path, shapes, settings, loss_fn, teacher_digest):
     defaults = training_loop.run_settings(dict())
     changed = [(name, old.get(name), settings.get(name)) for name in sorted(set(old) | set(settings))
         if old.get(name) != settings.get(name) and (name in old or 'settings' in state) and not (name == 'seed' and settings[name] is None)
-        and not (name not in old and settings.get(name) == defaults.get(name))] # A setting newer than the state, at its default, is no change.
+        and not (name not in old and settings.get(name) == defaults.get(name))] # A new setting at its default.
     refused = [f'{name} {a!r} -> {b!r}' for name, a, b in changed if not kept(name)]
     if state.get('teacher_digest') is not None and state['teacher_digest'] != teacher_digest:
         refused.append('the teacher (its weights differ)')
@@ -232,7 +224,7 @@ def _check_resume(state, path, shapes, settings, loss_fn, teacher_digest):
         dist.print0(f'Resuming with {name} changed from {a!r} to {b!r} (the run stays one run).')
 
 def _check_validation(validation_fn, image_shape, device):
-    """The options of a validation function given as a dict, by its module's check_options()."""
+    """A validation dict's options, by its module's check_options()."""
     if not isinstance(validation_fn, dict):
         return
     module_name = validation_fn['func_name'].rsplit('.', 1)[0]
@@ -244,24 +236,24 @@ def _check_validation(validation_fn, image_shape, device):
             raise ValueError(f'--val: {err}') from err
 
 def setup(
-    dataset_kwargs      = {},       # class_name and arguments of the dataset.
-    network_kwargs      = {},       # class_name and arguments of the network.
-    loss_kwargs         = {},       # class_name and arguments of the loss.
-    seed                = None,     # Seed of the run; None = the resumed run's, else random.
-    batch_size          = 512,      # Images per optimizer step, over all ranks.
-    batch_gpu           = None,     # Most images per rank and pass, None = all of the rank's share.
-    total_kimg          = 200000,   # Length of the run, in thousands of images.
+    dataset_kwargs      = {},
+    network_kwargs      = {},
+    loss_kwargs         = {},
+    seed                = None,     # None = the resumed run's, else random.
+    batch_size          = 512,      # Over all ranks.
+    batch_gpu           = None,     # None = all of the rank's share.
+    total_kimg          = 200000,
     resume_pkl          = None,     # Snapshot whose `ema` the network starts from.
-    teacher_pkl         = None,     # Snapshot whose `ema` is the frozen teacher.
-    gnet_pkl            = None,     # Snapshot whose `ema` guides the teacher, None = no guidance.
-    vae_name            = None,     # VAE of a latent dataset, None = the one its dataset.json records.
-    guidance            = None,     # Guidance weight of the teacher (with gnet_pkl).
-    teacher             = None,     # load_teacher() of the above, when the caller has it already.
-    resume_state_dump   = None,     # Training state to continue from, or a run directory (its newest state).
-    validation_fn       = None,     # Periodic evaluation (its options are checked).
-    phema_stds          = None,     # sigma_rel of the power-function EMA profiles (checked).
-    device              = None,     # torch.device of this rank, None = CUDA when available.
-    **loop_kwargs,                  # The other keyword arguments of training_loop().
+    teacher_pkl         = None,
+    gnet_pkl            = None,     # None = no guidance.
+    vae_name            = None,     # None = the one the dataset.json records.
+    guidance            = None,
+    teacher             = None,     # load_teacher() of the above, if the caller has it.
+    resume_state_dump   = None,     # Training state, or a run directory (its newest).
+    validation_fn       = None,
+    phema_stds          = None,
+    device              = None,     # None = CUDA when available.
+    **loop_kwargs,                  # The rest of training_loop()'s keywords.
 ):
     """Read and check everything the run starts from, on all ranks; returns training_loop()'s `inputs`."""
     settings = training_loop.run_settings(dict(loop_kwargs, dataset_kwargs=dataset_kwargs, network_kwargs=network_kwargs,
@@ -270,7 +262,7 @@ def setup(
     device = torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
     world_size = dist.get_world_size()
 
-    # The global batch split over ranks and accumulation rounds.
+    # Batch split.
     if batch_size % world_size != 0:
         raise ValueError(f'--batch={batch_size} does not divide over {world_size} ranks; pass a multiple of {world_size}.')
     batch_gpu_total = batch_size // world_size
@@ -278,7 +270,7 @@ def setup(
     if batch_gpu_total % batch_gpu != 0:
         raise ValueError(f'--batch={batch_size} gives {batch_gpu_total} images per rank, which --batch-gpu={batch_gpu} does not divide; pass a --batch that is a multiple of {world_size * batch_gpu}.')
 
-    # The dataset, and the names and shapes of the network it implies.
+    # Dataset, and the network shapes it implies.
     dataset_obj = _open_dataset(dataset_kwargs)
     if hasattr(dataset_obj, 'check_headers'):
         try:
@@ -290,7 +282,7 @@ def setup(
     except ValueError as err:
         raise ValueError(f'{"--data" if getattr(dataset_obj, "is_latent", False) else "--vae"}: {err}') from err
     try:
-        latent_shape = encoder.encode_latents(torch.zeros([1, *dataset_obj.image_shape])).shape # What the network sees.
+        latent_shape = encoder.encode_latents(torch.zeros([1, *dataset_obj.image_shape])).shape
         interface_kwargs = dict(img_resolution=latent_shape[-1], img_channels=latent_shape[1],
             label_dim=dataset_obj.label_dim)
     except ValueError as err:
@@ -305,11 +297,11 @@ def setup(
         except ValueError as err:
             raise ValueError(f'--data: {dataset_kwargs["path"]} holds latents of the VAE "{encoder.vae_name}", which cannot be loaded ({str(err).split("; ")[0]}); '
                 f'pass --vae with its folder (AutoencoderKL.save_pretrained) or hub name.') from err
-        if validation_fn is not None: # The decoded images that validation's detector sees.
+        if validation_fn is not None: # Validation's detector sees decoded images.
             image_shape = list(encoder.decode(torch.zeros([1, *latent_shape[1:]], device=device)).shape[1:])
     shapes = checkpoint.network_shapes(network_kwargs, interface_kwargs)
 
-    # The loss and its teacher; the grids the teacher gives must leave no segment empty.
+    # Loss and teacher.
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
     teacher_digest = None
     if teacher_pkl is not None:
@@ -322,7 +314,7 @@ def setup(
         precisions.check_network(guidance_lib.unwrap(teacher), loop_kwargs.get('teacher_precision') or net_precision, f'The teacher "{teacher_pkl}"')
         loss_fn.set_teacher(teacher)
 
-    # The weights the network starts from: the teacher's (same class, names and shapes) or a --transfer snapshot's.
+    # Initial weights: the teacher's (same class, names and shapes) or a --transfer snapshot's.
     init_net = None
     if resume_pkl is not None and resume_pkl == teacher_pkl:
         fix = 'pass the teacher\'s architecture options (--arch, --precond, --cbase, --cres, --cond, --augment) or --student_init=random'
@@ -336,7 +328,7 @@ def setup(
         fix = 'choose the --arch, --cbase, --cres, --cond and --augment of the network in it'
         checkpoint.check_tensors(checkpoint.tensor_shapes(init_net), shapes, f'The --transfer snapshot "{resume_pkl}"', fix)
 
-    # The training state to continue from.
+    # Training state.
     state = None
     if resume_state_dump is not None:
         try:

@@ -36,7 +36,6 @@ def student_sigmas(S, layout='karras', sigma_min=0.002, sigma_max=80, rho=7, int
     return check_student_sigmas(torch.cat([_round(round_sigma, nodes), torch.zeros(1, dtype=torch.float64)]))
 
 def check_student_sigmas(sigmas):
-    """`sigmas` as float64, checked to be a student grid."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     v = sigmas.tolist()
     if sigmas.ndim != 1 or len(v) < 2 or v[-1] != 0 or not all(np.isfinite(a) and a > b for a, b in zip(v, v[1:])):
@@ -48,7 +47,7 @@ def noise_range(net):
     return getattr(net, 'sigma_min', 0), getattr(net, 'sigma_max', np.inf), getattr(net, 'round_sigma', lambda s: s)
 
 def noise_range_note(net, what='The network', grid='the noise levels of the grid'):
-    """The sentence saying which of sigma_min, sigma_max, round_sigma a network lacks, or None."""
+    """A sentence naming which of sigma_min, sigma_max, round_sigma a network lacks, or None."""
     missing = ', '.join(name for name in ('sigma_min', 'sigma_max', 'round_sigma') if not hasattr(net, name))
     return f'{what} ({type(net).__name__}) has no {missing}: {grid} are used without rounding.' if missing else None
 
@@ -64,13 +63,12 @@ def _karras_ode_sampler(net, latents, class_labels, randn_like, num_steps, sigma
     max_gamma = min(S_churn / num_steps, np.sqrt(2) - 1)
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        # Churn: raise the noise level to t_hat with fresh noise (drawn at every step, as in EDM).
+        # Churn (noise drawn at every step, as in EDM).
         gamma = max_gamma if S_min <= t_cur <= S_max else 0
         t_hat = _round(round_sigma, t_cur + gamma * t_cur)
         x_hat = x_next
         if S_churn > 0:
             x_hat = x_hat + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_hat)
-        # Euler step, then the second-order correction except on the step to 0.
         d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         if second_order and i < num_steps - 1:
@@ -81,13 +79,13 @@ def _karras_ode_sampler(net, latents, class_labels, randn_like, num_steps, sigma
 def edm_sampler(
     net, latents, class_labels=None, randn_like=torch.randn_like,
     num_steps   = 18,           # Noise levels before the final 0.
-    sigma_min   = 0.002,        # Lowest noise level (at least net.sigma_min).
-    sigma_max   = 80,           # Highest noise level (at most net.sigma_max).
-    rho         = 7,            # Exponent of the Karras grid.
-    S_churn     = 0,            # Total stochasticity; 0 = deterministic.
-    S_min       = 0,            # Churn only at noise levels >= S_min ...
-    S_max       = float('inf'), # ... and <= S_max.
-    S_noise     = 1,            # Scale of the churn noise.
+    sigma_min   = 0.002,        # At least net.sigma_min.
+    sigma_max   = 80,           # At most net.sigma_max.
+    rho         = 7,
+    S_churn     = 0,            # 0 = deterministic.
+    S_min       = 0,
+    S_max       = float('inf'),
+    S_noise     = 1,
 ):
     """EDM's Heun sampler (2 * num_steps - 1 evaluations) from unit Gaussian `latents`; returns float64 images."""
     return _karras_ode_sampler(**locals(), second_order=True)
@@ -99,10 +97,10 @@ def euler_sampler(
     return _karras_ode_sampler(**locals(), second_order=False)
 
 #----------------------------------------------------------------------------
-# Student sampler, with adjusted DDIM (Heek, Hoogeboom & Salimans 2024, section 3.2; technical report section 9.1).
+# Student sampler, with adjusted DDIM (Heek, Hoogeboom & Salimans 2024; technical report section 9.1).
 
 def addim_variance(sigma, scale=0.1, prior=0.5):
-    """aDDIM's per-element posterior variance scale * prior sigma^2 / (prior + sigma^2) (a number gives float64)."""
+    """aDDIM's per-element posterior variance scale * prior sigma^2 / (prior + sigma^2)."""
     sigma = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(sigma, dtype=torch.float64)
     return scale * prior * sigma ** 2 / (prior + sigma ** 2)
 
@@ -118,13 +116,13 @@ def addim_step(x_hat, x_a, sigma_a, sigma_b, x_var, dtype=torch.float64):
 
 def student_sampler(
     net, latents, class_labels=None,
-    sigmas      = None,             # Student grid: S + 1 levels ending in 0.
-    randn_like  = torch.randn_like, # Noise of the stochastic variant.
+    sigmas      = None,             # S + 1 levels ending in 0.
+    randn_like  = torch.randn_like,
     stochastic  = False,            # Re-noise instead of the DDIM step?
-    addim_scale = 0,                # Variance scale of aDDIM steps; 0 = DDIM.
-    addim_prior = 0.5,              # Prior variance of aDDIM.
+    addim_scale = 0,                # 0 = DDIM.
+    addim_prior = 0.5,
 ):
-    """Sample a multistep consistency student in S = len(sigmas) - 1 evaluations; returns float64 images."""
+    """Sample a multistep consistency student in S evaluations; returns float64 images."""
     assert sigmas is not None and addim_scale >= 0 and addim_prior > 0 and not (stochastic and addim_scale > 0)
     sigmas = check_student_sigmas(sigmas).to(latents.device)
     x = latents.to(torch.float64) * sigmas[0]
@@ -141,10 +139,10 @@ def student_sampler(
     return x
 
 #----------------------------------------------------------------------------
-# Per-seed random numbers and images of seeds.
+# Images of seeds.
 
 class StackedRandomGenerator:
-    """Random numbers for a batch whose row i comes from a generator seeded with seeds[i] mod 2^32."""
+    """Random numbers for a batch whose row i is seeded with seeds[i] mod 2^32."""
 
     def __init__(self, device, seeds):
         self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
@@ -161,7 +159,7 @@ class StackedRandomGenerator:
         return torch.stack([torch.randint(*args, size=size[1:], generator=gen, **kwargs) for gen in self.generators])
 
 def generate_images(net, seeds, device, sample_fn, classes=None, clip=True, **sample_kwargs):
-    """Float64 images [N, C, H, W] of `seeds` by `sample_fn`, each seed drawing its latents, then its class."""
+    """Float64 images [N, C, H, W] of `seeds` by `sample_fn`; each seed draws its latents, then its class."""
     rnd = StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
     class_labels = None
@@ -175,11 +173,11 @@ def generate_images(net, seeds, device, sample_fn, classes=None, clip=True, **sa
     return images.clip(-1, 1) if clip else images
 
 def to_uint8(images):
-    """Images in [-1, 1] -> uint8 (N, C, H, W), quantized as generate.py writes them."""
+    """Images in [-1, 1] -> uint8, quantized as generate.py writes them."""
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 def image_grid(images):
-    """Tile uint8 HWC images row by row into a near-square uint8 HWC grid (empty cells black)."""
+    """Tile uint8 HWC images into a near-square HWC grid (empty cells black)."""
     cols = int(np.ceil(np.sqrt(len(images))))
     rows = (len(images) - 1) // cols + 1
     h, w, c = images[0].shape

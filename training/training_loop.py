@@ -26,14 +26,13 @@ from training import steps
 #----------------------------------------------------------------------------
 
 def get_rng_states(device):
-    """The states of the generators this process draws from: torch (CPU and CUDA), NumPy's and Python's."""
+    """The states of the torch (CPU, CUDA), NumPy and Python generators."""
     states = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
     if device.type == 'cuda':
         states['cuda'] = torch.cuda.get_rng_state(device)
     return states
 
 def set_rng_states(states, device):
-    """Restore the states returned by get_rng_states()."""
     torch.set_rng_state(states['torch'])
     np.random.set_state(states['numpy'])
     random.setstate(states['python'])
@@ -43,7 +42,7 @@ def set_rng_states(states, device):
 #----------------------------------------------------------------------------
 
 class TrainingStopped(Exception):
-    """The run stopped for a reason the user can act on (divergence, an unreadable image)."""
+    """The run stopped for a reason the user can act on."""
 
 def _check_finite(modules, cur_tick, cur_nimg, fix):
     for module in modules:
@@ -52,10 +51,10 @@ def _check_finite(modules, cur_tick, cur_nimg, fix):
                 f'no longer finite, so nothing more is saved; {fix}.')
 
 NOT_SETTINGS = ('run_dir', 'snapshot_extras', 'wandb_run', 'device', 'inputs', 'resume_pkl', 'resume_state_dump',
-    'dataset_kwargs.resolution', 'dataset_kwargs.max_size') # Where a run starts or what it found, not what it is.
+    'dataset_kwargs.resolution', 'dataset_kwargs.max_size') # Where a run starts or what it found.
 
 def run_settings(loop_kwargs):
-    """The settings of a run (keywords of training_loop(), defaults filled in) as flat JSON, `name.key` for dicts."""
+    """The keywords of training_loop(), defaults filled in, as flat JSON (`name.key` for dicts)."""
     flat = dict()
     def add(prefix, value):
         if prefix in NOT_SETTINGS:
@@ -73,46 +72,46 @@ def run_settings(loop_kwargs):
 #----------------------------------------------------------------------------
 
 def training_loop(
-    run_dir             = '.',      # Where the files go; None on ranks other than 0.
-    dataset_kwargs      = {},       # Options of the dataset.
-    data_loader_kwargs  = {},       # Options of torch.utils.data.DataLoader.
-    network_kwargs      = {},       # Options of the network (preconditioning wrapper).
-    loss_kwargs         = {},       # Options of the loss.
-    optimizer_kwargs    = {},       # Options of the optimizer; `lr` is the peak.
-    augment_kwargs      = None,     # Options of the augmentation pipeline, None = none.
-    seed                = None,     # Seed of the data order and the generators; None = see preflight.setup().
-    batch_size          = 512,      # Images per optimizer step, over all ranks.
+    run_dir             = '.',      # None on ranks other than 0.
+    dataset_kwargs      = {},
+    data_loader_kwargs  = {},       # Of torch.utils.data.DataLoader.
+    network_kwargs      = {},       # Of the preconditioning wrapper.
+    loss_kwargs         = {},
+    optimizer_kwargs    = {},       # `lr` is the peak.
+    augment_kwargs      = None,     # None = no augmentation.
+    seed                = None,     # None = see preflight.setup().
+    batch_size          = 512,      # Over all ranks.
     batch_gpu           = None,     # Most images per rank and pass, None = the rank's share.
-    total_kimg          = 200000,   # Training duration in thousands of images.
-    ema_halflife_kimg   = 500,      # Half-life of the weight average in kimg, None = no such EMA.
-    ema_rampup_ratio    = 0.05,     # Cap on the half-life as a fraction of the images seen, None = no cap.
-    phema_stds          = None,     # sigma_rel of EDM2's power-function EMA profiles, None = none.
-    lr_rampup_kimg      = 10000,    # Length of the learning-rate warm-up.
-    lr_decay_batches    = None,     # EDM2's inverse-square-root decay after this many steps, None = none.
-    max_bad_steps       = 100,      # Stop after this many consecutive non-finite steps.
-    loss_scaling        = 1,        # Factor on the loss before backpropagation.
-    precision           = None,     # 'fp32', 'fp16' or 'bf16'; None = 'fp16' with use_fp16, else 'fp32'.
-    teacher_precision   = None,     # The teacher's precision, None = the network's.
-    compile_networks    = False,    # Run student, teacher and target through torch.compile?
-    kimg_per_tick       = 50,       # Progress line and statistics every this many kimg.
-    snapshot_ticks      = 50,       # Network snapshot every this many ticks, None = never.
-    state_dump_ticks    = 500,      # Training state every this many ticks, None = never.
+    total_kimg          = 200000,
+    ema_halflife_kimg   = 500,      # None = no such EMA.
+    ema_rampup_ratio    = 0.05,     # Cap on the half-life as a share of the images seen, None = no cap.
+    phema_stds          = None,     # sigma_rel of EDM2's power-function EMAs, None = none.
+    lr_rampup_kimg      = 10000,
+    lr_decay_batches    = None,     # EDM2's inverse-sqrt decay after this many steps, None = none.
+    max_bad_steps       = 100,      # Consecutive non-finite steps before stopping.
+    loss_scaling        = 1,
+    precision           = None,     # 'fp32', 'fp16', 'bf16'; None = 'fp16' with use_fp16, else 'fp32'.
+    teacher_precision   = None,     # None = the network's.
+    compile_networks    = False,    # torch.compile student, teacher and target?
+    kimg_per_tick       = 50,
+    snapshot_ticks      = 50,       # None = never.
+    state_dump_ticks    = 500,      # None = never.
     resume_pkl          = None,     # Initialise the network and EMA from this snapshot.
-    teacher_pkl         = None,     # Frozen teacher for loss_fn.set_teacher(), None = none.
+    teacher_pkl         = None,     # For loss_fn.set_teacher(), None = none.
     gnet_pkl            = None,     # Guide of the teacher, None = no guidance.
-    vae_name            = None,     # VAE of a latent dataset, None = the one its dataset.json records.
-    guidance            = None,     # Guidance weight of the teacher, with gnet_pkl.
+    vae_name            = None,     # None = the one the dataset.json records.
+    guidance            = None,     # Guidance weight, with gnet_pkl.
     resume_state_dump   = None,     # Continue exactly from this training state.
-    cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
-    snapshot_extras     = None,     # Extra snapshot entries: a dict or a callable (net, ema, loss_fn, cur_nimg).
-    validation_fn       = None,     # Periodic evaluation: a callable, or a dict with `func_name`.
-    val_every           = None,     # Call validation_fn every this many ticks (and at the end), None = never.
-    val_at_start        = False,    # Also call validation_fn before the first step?
-    wandb_run           = None,     # W&B run for the statistics (rank 0), None = none.
-    device              = None,     # torch.device of this rank, None = CUDA when available.
+    cudnn_benchmark     = True,
+    snapshot_extras     = None,     # A dict or a callable (net, ema, loss_fn, cur_nimg).
+    validation_fn       = None,     # A callable, or a dict with `func_name`.
+    val_every           = None,     # Ticks (and at the end), None = never.
+    val_at_start        = False,
+    wandb_run           = None,     # Rank 0 only.
+    device              = None,     # None = CUDA when available.
     inputs              = None,     # What preflight.setup() returned for these arguments.
 ):
-    """Train on what preflight.setup() returned for the same keywords; write the run's files into `run_dir`."""
+    """Train on what preflight.setup() returned for the same keywords."""
     loop_kwargs = dict(locals())
     start_time = time.time()
     device, seed, loss_fn, state = inputs.device, inputs.seed, inputs.loss_fn, inputs.state
@@ -133,13 +132,13 @@ def training_loop(
     cur_nimg = int(state['cur_nimg']) if state is not None else 0
     cur_tick = int(state['cur_tick']) + 1 if state is not None else 0
 
-    # Data, in the order of the global image stream: each rank takes its contiguous share of every global batch.
+    # Data: each rank takes its contiguous share of every global batch.
     dataset_sampler = misc.InfiniteSampler(dataset=inputs.dataset_obj, rank=rank, num_replicas=world_size, seed=seed,
         start_idx=cur_nimg, block=batch_gpu * num_accumulation_rounds)
     dataset_iterator = iter(torch.utils.data.DataLoader(dataset=inputs.dataset_obj, sampler=dataset_sampler,
         batch_size=batch_gpu, **data_loader_kwargs))
 
-    # The network, with a summary on rank 0.
+    # Network.
     threads = f' ({torch.get_num_threads()} CPU threads per rank)' if device.type == 'cpu' else ''
     dist.print0(f'Building the network...{threads}')
     net = dnnlib.util.construct_class_by_name(**network_kwargs, **inputs.interface_kwargs)
@@ -156,12 +155,12 @@ def training_loop(
     augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
     frozen = set(loss_fn.frozen_parameters(net, augment_pipe) if hasattr(loss_fn, 'frozen_parameters') else [])
     for name, param in net.named_parameters():
-        param.requires_grad_(name not in frozen) # DDP expects a gradient of every parameter that requires one.
+        param.requires_grad_(name not in frozen) # DDP expects a gradient of every such parameter.
     student = compiling.compile_network(net) if compile_networks else net
     ddp = steps.distributed(student, device) if dist.is_distributed() else student
     ema = copy.deepcopy(net).eval().requires_grad_(False) if ema_halflife_kimg is not None else None
 
-    # The frozen teacher in its precision; the weights to start from.
+    # Teacher; initial weights.
     net_precision = precisions.resolve(precision, network_kwargs.get('use_fp16', False))
     if inputs.teacher is not None:
         loss_fn.set_teacher(precisions.Teacher(inputs.teacher.to(device), teacher_precision or net_precision))
@@ -175,7 +174,7 @@ def training_loop(
     for module in ([] if pf_ema is None else pf_ema.emas):
         module.eval().requires_grad_(False)
 
-    # Continue from a training state; the generators come last, after everything that draws from them.
+    # Training state; the generators come last, after everything that draws from them.
     if state is not None:
         dist.print0(f'Continuing from the training state "{inputs.resume_state_dump}"...')
         checkpoint.restore_training_state(state, net=net, ema=ema, pf_ema=pf_ema, optimizer=optimizer, loss_fn=loss_fn)
@@ -187,7 +186,7 @@ def training_loop(
     del inputs, state
     divergence_fix = 'lower the learning rate or lengthen its warm-up, and resume from the last training state'
 
-    # Snapshots and training states, never of non-finite weights; validation sees the EMA, else the first profile.
+    # Snapshots and training states; validation sees the EMA, else the first profile.
     eval_net = ema if ema is not None else pf_ema.emas[0] if pf_ema is not None else net
     def save_snapshot(file_name, snapshot_net=None):
         snapshot_net = eval_net if snapshot_net is None else snapshot_net
@@ -210,11 +209,11 @@ def training_loop(
                 batch_gpu=batch_gpu, world_size=world_size, rng_states=rng_states, settings=settings,
                 teacher_digest=teacher_digest))
 
-    # Validation: scalars go to the statistics, the rest to W&B.
+    # Validation: scalars to the statistics, the rest to W&B.
     def validate():
         kwargs = dict(net=eval_net, loss_fn=loss_fn, cur_tick=cur_tick, cur_nimg=cur_nimg, run_dir=run_dir,
             device=device, save_snapshot=save_snapshot, **(dict(encoder=encoder) if latent else {}))
-        rng_states = get_rng_states(device) # Validation draws freely; the training stream does not notice.
+        rng_states = get_rng_states(device) # The training stream does not notice validation.
         try:
             figures = validation_fn(**kwargs) if callable(validation_fn) else \
                 dnnlib.util.call_func_by_name(**validation_fn, **kwargs)
@@ -230,28 +229,27 @@ def training_loop(
                 media[f'Validation/{name}'] = value
         return media
 
-    # Statistics and W&B.
     stats_collector = training_stats.Collector(regex='.*', keep_previous=False)
     stats_jsonl, wandb_media = None, dict()
     if validation_fn is not None and val_at_start:
         dist.print0('Validating before the first step...')
         wandb_media = validate()
 
-    # The loop: one optimizer step per iteration, maintenance at the end of each tick.
+    # Main loop.
     dist.print0(f'Training until {total_kimg} kimg...\n')
-    bad_steps = worst_bad_steps = torch.zeros([], dtype=torch.int64, device=device) # Consecutive skipped steps.
+    bad_steps = worst_bad_steps = torch.zeros([], dtype=torch.int64, device=device)
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
     maintenance_time = tick_start_time - start_time
     def next_batch():
         try:
             images, labels = next(dataset_iterator)
-        except ValueError as err: # The dataset's sentence, also from a data-loader worker (its traceback's last line).
+        except ValueError as err: # Also from a data-loader worker: its traceback's last line.
             reason = str(err).strip().splitlines()[-1].removeprefix('ValueError: ')
             raise TrainingStopped(f'Training stopped at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): {reason}') from err
         return encoder.encode_latents(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
     while True:
 
-        # One optimizer step over the global batch.
+        # Optimizer step.
         if hasattr(loss_fn, 'set_progress'):
             loss_fn.set_progress(cur_nimg)
         optimizer.zero_grad(set_to_none=True)
@@ -266,25 +264,24 @@ def training_loop(
         training_stats.report0('Loss/skipped_steps', (~finite).to(torch.float32))
         training_stats.report0('Loss/grad_norm', grad_norm, mask=finite)
         training_stats.report0('Progress/lr', lr)
-        steps.update_target(loss_fn, net, finite) # A skipped step changes no weights, EMAs, target or optimizer.
+        steps.update_target(loss_fn, net, finite) # A skipped step changes no weights, EMAs or target.
         if ema is not None:
             steps.update_ema(ema, net, cur_nimg, batch_size, ema_halflife_kimg, ema_rampup_ratio, finite=finite)
-        if pf_ema is not None: # A profile of training time: after a skipped step it averages the unchanged weights.
+        if pf_ema is not None: # After a skipped step it averages the unchanged weights.
             pf_ema.update(cur_nimg + batch_size, batch_size)
 
-        # Count the images; go on unless the tick (or the run) is over.
+        # Tick over?
         cur_nimg += batch_size
         done = (cur_nimg >= total_kimg * 1000)
         if (not done) and (cur_tick != 0) and (cur_nimg < tick_start_nimg + kimg_per_tick * 1000):
             continue
 
-        # Divergence: more than max_bad_steps consecutive skipped steps in this tick.
         if int(worst_bad_steps) > max_bad_steps:
             raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): '
                 f'{int(worst_bad_steps)} consecutive steps had a non-finite loss or gradient; {divergence_fix}.')
         worst_bad_steps = bad_steps
 
-        # Progress line; the same figures go to the statistics.
+        # Progress line.
         tick_end_time = time.time()
         tick_sec = tick_end_time - tick_start_time
         gib = lambda fn: fn(device) / 2**30 if device.type == 'cuda' else 0
@@ -319,7 +316,7 @@ def training_loop(
         if validation_fn is not None and due(val_every) and (done or cur_tick != 0):
             wandb_media.update(validate())
 
-        # Statistics to stats.jsonl and W&B.
+        # Statistics.
         stats_collector.update()
         stats = stats_collector.as_dict()
         if rank == 0:
