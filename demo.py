@@ -192,7 +192,7 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
         '--resolution=16x16'])
     teach = start_script(2, f'Training the EDM teacher ({teacher_kimg} kimg)', ['train.py', f'--outdir={teacher_dir}',
         '--nosubdir', f'--data={data}', *arch, f'--duration={teacher_kimg / 1000}', '--lr=2e-3', '--lr_rampup=2',
-        '--ema=0.002', *val, '--val_num=300', f'--val_every={max(teacher_kimg // 6, 1)}'])
+        '--ema=0.002', *val, '--val_num=300', f'--val_every={teacher_kimg}'])
 
     # Each seed's Heun image of the teacher once: those of the student's validation first (the first block alongside
     # the teacher's last validation, which follows its last snapshot), kept with the dataset's statistics in the
@@ -218,7 +218,7 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
         f'--outdir={student_dir}', '--nosubdir', f'--data={data}', *arch, f'--duration={student_kimg / 1000}',
         '--lr=2e-4', '--lr_rampup=0', '--ema=0.001', '--consistency=True', f'--teacher={teacher_pkl}', f'--S={S}',
         '--student_sigmas=karras_open', '--T_start=16', '--T_end=64', f'--T_anneal_kimg={student_kimg // 2}',
-        *val, f'--val_num={VAL_NUM}', '--val_agree_num=250', '--val_at_start=True', '--val_every=1'])
+        *val, f'--val_num={VAL_NUM}', '--val_agree_num=250', '--val_at_start=True', '--val_every=2'])
     grids = [('teacher, Heun, 35 NFE', 'grid-teacher-heun.png', ['--sampler=heun', '--steps=18']),
         (f'teacher, Euler, {S} NFE', f'grid-teacher-euler{S}.png', ['--sampler=euler', f'--steps={S}']),
         (f'student, {S} NFE', f'grid-student{S}.png', [])]

@@ -110,7 +110,7 @@ def main(indir, outdir, outstd, outkimg):
         net = template['ema']
         net.load_state_dict({name: value.to(net.state_dict()[name].dtype) for name, value in total.items()})
         path = os.path.join(outdir, f'phema-{out_kimg:07d}-{std:.3f}.pkl')
-        checkpoint.save_snapshot(path, dict(template, ema=net))
+        checkpoint.save_snapshot(path, template) # Its 'ema' holds the new weights.
         print(f'Wrote {path}')
 
 #----------------------------------------------------------------------------
