@@ -107,6 +107,7 @@ def test_compile_failing_at_the_first_call_falls_back(monkeypatch, fresh_warning
 def test_ddp_wraps_the_compiled_network(monkeypatch, fresh_warning):
     monkeypatch.setattr(torch, 'compile', lambda module, **_kwargs: module)
     torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+    ddp = None
     try:
         net = torch.nn.Linear(3, 2)
         ddp = steps.distributed(compiling.compile_network(net), torch.device('cpu'))
@@ -115,6 +116,7 @@ def test_ddp_wraps_the_compiled_network(monkeypatch, fresh_warning):
         net.use_fp16 = True # A network with half precision of its own keeps autocast off behind DDP too.
         assert precisions.autocast_dtype(ddp, 'fp16', 'cuda') is None and precisions.autocast_dtype(ddp, 'bf16', 'cuda') == torch.bfloat16
     finally:
+        del ddp # DDP's reducer holds the group: it goes first (a group destroyed under a live reducer can hang).
         torch.distributed.destroy_process_group()
 
 def test_loop_compiles_student_teacher_and_target_and_sets_teacher_precision(tmp_path, digits8, teacher, monkeypatch, one_thread):
