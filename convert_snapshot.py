@@ -37,8 +37,12 @@ def main(src, dest):
     \b
     python convert_snapshot.py --src=training-runs/00000-.../network-snapshot-000050.pkl --dest=teacher.safetensors
     """
-    if not dest.lower().endswith('.safetensors'):
-        raise click.ClickException(f'--dest={dest} does not end in .safetensors; name the file X.safetensors.')
+    with dnnlib.util.user_errors():
+        if not dest.lower().endswith('.safetensors'):
+            raise ValueError(f'--dest={dest} does not end in .safetensors; name the file X.safetensors.')
+        if os.path.exists(dest):
+            raise ValueError(f'--dest={dest} already exists; delete it or pass another path.')
+        dnnlib.util.check_writable(dest, '--dest')
     if checkpoint.is_safetensors(src):
         raise click.ClickException(f'--src={src} is already a safetensors snapshot; pass a snapshot pickle.')
     print(f'Unpickling "{src}" runs the code it carries, on the user\'s say-so; convert only files you trust.')

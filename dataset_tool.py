@@ -27,6 +27,7 @@ from training.dataset import GRAY_MODES, IMAGE_EXTENSIONS, list_files
 MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz')
 SOURCE_KINDS = "an image or MNIST folder, a .zip, a CIFAR-10 .tar.gz, an .npz, or 'digits'"
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, PIL.Image.DecompressionBombError)
+FILE_SUFFIXES = ('.tar', '.gz', '.tgz', '.bz2', '.xz', '.zst', '.7z', '.rar', '.npz', '.npy', '.pkl', '.h5', '.json')
 
 def error(source, text):
     return click.ClickException(f'Source {source!r} {text}.')
@@ -153,6 +154,8 @@ def open_mnist(source, max_images):
 
 def open_npz(source, max_images):
     fix = 'save it with numpy.savez(path, images=uint8 [N, H, W(, C)], labels=int [N])'
+    if not zipfile.is_zipfile(source):
+        raise error(source, f'is not a NumPy .npz archive; {fix}')
     try:
         with np.load(source, allow_pickle=False) as data:
             if 'images' not in data.files:
@@ -235,10 +238,12 @@ def make_transform(transform, resolution):
 # Output: a folder or zip, written under a temporary name.
 
 def check_dest(dest):
+    if os.path.splitext(dest)[1].lower() in FILE_SUFFIXES:
+        raise click.ClickException(f'--dest={dest} is not a format dataset_tool.py writes; use a .zip or a folder.')
     if os.path.isfile(dest) or (os.path.isdir(dest) and os.listdir(dest)):
         raise click.ClickException(f'Destination {dest!r} already holds data; choose another --dest or delete it.')
     with dnnlib.util.user_errors():
-        dnnlib.util.check_writable(dest, '--dest')
+        dnnlib.util.check_writable(dest, '--dest', folder=not dest.lower().endswith('.zip'))
 
 @contextlib.contextmanager
 def open_dest(dest):

@@ -182,6 +182,8 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     """
     start_time = time.time()
     torch.manual_seed(seed)
+    with dnnlib.util.user_errors():
+        dnnlib.util.check_writable(outdir, '--outdir', folder=True)
     out = dnnlib.util.claim_run_dir(outdir, 'demo')
     say(f'Demo output folder: {out}')
     data, teacher_dir, student_dir = [os.path.join(out, name) for name in ['digits-16x16.zip', 'teacher', 'student']]

@@ -116,8 +116,8 @@ def calc(image_path, ref_path, num, seed, batch, detector, metric_names, pr_num,
 @workers_option
 def ref(data_path, dest_path, batch, detector, metric_names, pr_num, workers):
     """Reference statistics of a dataset, needed by 'calc'."""
-    if os.path.isdir(dest_path):
-        raise click.ClickException(f'--dest={dest_path} is a folder; pass the path of an .npz or .pkl file.')
+    with dnnlib.util.user_errors():
+        dnnlib.util.check_writable(dest_path, '--dest')
     if os.path.exists(dest_path):
         raise click.ClickException(f'--dest={dest_path} already exists; delete it or pass another path.')
     device = dist.init()
@@ -127,7 +127,6 @@ def ref(data_path, dest_path, batch, detector, metric_names, pr_num, workers):
         if not is_pkl and (len(names) > 1 or with_pr):
             raise ValueError(f'--dest={dest_path} would be an .npz file, which holds the mean and covariance of one '
                 'detector only; pass a path ending in .pkl.')
-        dnnlib.util.check_writable(dest_path, '--dest')
         detectors = [metrics.load_detector(name, device=device) for name in names]
         images = metrics.open_image_dataset(data_path)
         for det in detectors:

@@ -90,7 +90,7 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, s
     with dnnlib.util.user_errors():
         for name, path in [('--outdir', outdir), ('--grid', grid)]:
             if path is not None:
-                dnnlib.util.check_writable(path, name)
+                dnnlib.util.check_writable(path, name, folder=(name == '--outdir'))
         device = dist.init(device_type=None if device == 'auto' else device)
         dist.print0(f'Loading network from "{network_pkl}"...')
         data = checkpoint.load_snapshot(network_pkl)
@@ -184,8 +184,7 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, s
         if dist.get_rank() == 0:
             order = {seed: i for i, seed in enumerate(seeds)}
             results.sort(key=lambda item: order[item[0]])
-            if os.path.dirname(grid):
-                os.makedirs(os.path.dirname(grid), exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
             save_png(samplers.image_grid([image for _seed, image in results]), grid)
 
     dist.barrier()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import tqdm
 
+import dnnlib
 from training import checkpoint
 from training import phema
 
@@ -62,6 +63,8 @@ def main(indir, outdir, outstd, outkimg):
       python reconstruct_phema.py --indir=training-runs/00000-img64-edm2 --outdir=phema --outstd=0.050,0.100
       python reconstruct_phema.py --indir=RUN --outdir=phema --outstd=0.030-0.150:0.010 --outkimg=1048576
     """
+    with dnnlib.util.user_errors():
+        dnnlib.util.check_writable(outdir, '--outdir', folder=True)
     snapshots = [item for item in list_snapshots(indir) if item[0] > 0] # At kimg 0 a profile has no width yet.
     newest = max((item[0] for item in snapshots), default=0)
     out_kimg = newest if outkimg is None else outkimg
@@ -88,10 +91,8 @@ def main(indir, outdir, outstd, outkimg):
     print(f'Reconstructing {len(outstd)} profile(s) at {out_kimg} kimg from {len(snapshots)} snapshots of {indir}...')
     sums, template, reference = None, None, None
     for (_kimg, _std, path), row in zip(tqdm.tqdm(snapshots, unit='snapshot'), coefs):
-        try:
+        with dnnlib.util.user_errors():
             data = checkpoint.load_snapshot(path)
-        except ValueError as err:
-            raise click.ClickException(str(err)) from err
         state = data['ema'].state_dict()
         signature = (type(data['ema']).__name__, {name: tuple(t.shape) for name, t in state.items()})
         if reference is None:

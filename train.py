@@ -225,11 +225,17 @@ def create_run_dir(opts, c, desc):
     dnnlib.util.write_atomic(os.path.join(run_dir, 'training_options.json'), lambda f: f.write(options_text))
     return run_dir
 
-def init_wandb(opts, c):
+def init_wandb(opts, c, run_id=None):
+    """A W&B run, the resumed run's when `run_id` is given; W&B's WANDB_* variables apply where no option is given."""
     import wandb # pylint: disable=import-outside-toplevel
+    project = opts.wandb_project or (None if os.environ.get('WANDB_PROJECT') else 'edm-cd')
+    name = opts.wandb_run or (None if os.environ.get('WANDB_NAME') else os.path.basename(os.path.normpath(c.run_dir)))
+    given = dict(project=project, entity=opts.wandb_entity, tags=opts.wandb_tags, mode=opts.wandb_mode, name=name)
     try:
-        return wandb.init(project=opts.wandb_project, entity=opts.wandb_entity, tags=opts.wandb_tags, mode=opts.wandb_mode,
-            name=(opts.wandb_run or os.path.basename(os.path.normpath(c.run_dir))), dir=c.run_dir, config=json.loads(json.dumps(c)))
+        run = wandb.init(**{k: v for k, v in given.items() if v is not None}, dir=c.run_dir, config=json.loads(json.dumps(c)),
+            **(dict(id=run_id, resume='allow') if run_id is not None else {}))
+        run.define_metric('*', step_metric='Progress/kimg')
+        return run
     except Exception as err: # pylint: disable=broad-except
         raise click.ClickException(f'--wandb=True: W&B could not start a run ({err}); check the login and --wandb_project/--wandb_entity, '
             'use --wandb_mode=offline, or pass --wandb=False.') from err
@@ -377,11 +383,11 @@ def print_options(opts, c, device):
 # Weights & Biases.
 @click.option('--wandb', help='Log the statistics to Weights & Biases (rank 0)', metavar='BOOL', type=bool,
     default=False)
-@click.option('--wandb_project', help='W&B project', metavar='STR', type=str, default='edm-cd')
+@click.option('--wandb_project', help='W&B project  [default: $WANDB_PROJECT, else edm-cd]', metavar='STR', type=str)
 @click.option('--wandb_entity', help='W&B user or team  [default: your default entity]', metavar='STR', type=str)
-@click.option('--wandb_run', help='W&B run name  [default: the run directory\'s name]', metavar='STR', type=str)
+@click.option('--wandb_run', help='W&B run name  [default: $WANDB_NAME, else the run directory\'s name]', metavar='STR', type=str)
 @click.option('--wandb_tags', help='Comma-separated W&B tags', metavar='LIST', type=str, callback=str_list)
-@click.option('--wandb_mode', help='W&B mode', type=click.Choice(['online', 'offline', 'disabled']), default='online')
+@click.option('--wandb_mode', help='W&B mode  [default: $WANDB_MODE, else online]', type=click.Choice(['online', 'offline', 'disabled']))
 
 def main(**kwargs):
     """Train an EDM diffusion model on a dataset made by dataset_tool.py, or distil one into a multistep
@@ -432,12 +438,15 @@ def main(**kwargs):
                 dist.print0('Dry run: nothing written.')
                 return
             logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True) if dist.get_rank() == 0 else None
-            wandb_run = dist.on_rank0(lambda: init_wandb(opts, c)) if opts.wandb else None
+            run_id = (inputs.state or {}).get('wandb_id')
+            wandb_run = dist.on_rank0(lambda: init_wandb(opts, c, run_id)) if opts.wandb else None
         try:
             training_loop.training_loop(**c, inputs=inputs, wandb_run=wandb_run, device=device)
         except training_loop.TrainingStopped as err:
             raise click.ClickException(str(err)) from err
-    except BaseException:
+    except BaseException as err:
+        if logger is not None and isinstance(err, click.ClickException): # The reason a run stopped, in log.txt too.
+            logger.file.write(f'Error: {err.format_message()}\n')
         if wandb_run is not None:
             wandb_run.finish(exit_code=1)
             wandb_run = None

@@ -139,16 +139,20 @@ def remove_stale_temp_files(folder):
                 pass
     return removed
 
-def check_writable(path, name):
-    """ValueError unless `path` (of option `name`) can be created in a writable folder."""
-    ancestor = os.path.abspath(path)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if ancestor != os.path.abspath(path) and not os.path.isdir(ancestor):
-        raise ValueError(f'{name}={path} cannot be created: "{ancestor}" is a file, not a folder; choose another path.')
-    folder = ancestor if os.path.isdir(ancestor) else os.path.dirname(ancestor)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f'{name}={path} cannot be written: "{folder}" is not writable; choose another path.')
+def check_writable(path, name, folder=False):
+    """ValueError unless output `path` of `name` (folder=True: a folder) can be made; a temp file probes its folder."""
+    if not folder and os.path.isdir(path):
+        raise ValueError(f'{name}={path} is a folder; pass the path of a file.')
+    probe = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f'{name}={path} cannot be created: "{probe}" is a file, not a folder; choose another path.')
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix='.write-test-'):
+            pass
+    except OSError as e:
+        raise ValueError(f'{name}={path} cannot be written in "{probe}" ({e.strerror}); choose another path.') from e
 
 def next_run_id(outdir):
     """One above the largest id that starts a name in outdir (0 for none)."""
@@ -273,8 +277,10 @@ def _download(url, num_attempts, verbose):
     import requests # pylint: disable=import-outside-toplevel
     import urllib3 # pylint: disable=import-outside-toplevel
     fix = 'download it by other means and pass the local file path instead'
-    last_error = None
+    last_error = fatal = None
     for attempt in range(num_attempts):
+        if verbose:
+            print(f'Downloading {url} ...', end='', file=sys.stderr, flush=True)
         try:
             with requests.Session() as session, session.get(url, timeout=60) as res:
                 res.raise_for_status()
@@ -285,17 +291,20 @@ def _download(url, num_attempts, verbose):
             reason = getattr(err.args[0], 'reason', None) if err.args else None
             if isinstance(err, requests.exceptions.ConnectTimeout) or \
                     isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
-                raise IOError(f'Could not download "{url}": no network ({err}); {fix}.') from err
+                fatal = IOError(f'Could not download "{url}": no network ({err}); {fix}.')
             last_error = err
         except requests.exceptions.HTTPError as err:
             status = err.response.status_code if err.response is not None else 0
             if status < 500 and status != 429:
-                raise IOError(f'Could not download "{url}" ({err}); {fix}.') from err
+                fatal = IOError(f'Could not download "{url}" ({err}); {fix}.')
             last_error = err
         except Exception as err: # pylint: disable=broad-except
             last_error = err
         if verbose:
-            print(f'Downloading {url} failed ({attempt + 1}/{num_attempts}): {last_error}', file=sys.stderr, flush=True)
+            print(' failed' if fatal else f' failed ({attempt + 1}/{num_attempts}): {last_error}', file=sys.stderr,
+                flush=True)
+        if fatal is not None:
+            raise fatal from last_error
         if attempt + 1 < num_attempts:
             time.sleep(min(2 ** attempt, 10))
     raise IOError(f'Could not download "{url}" ({last_error}); {fix}.')
@@ -331,8 +340,6 @@ def open_url(url_or_path, cache_dir=None, num_attempts=10, verbose=True, return_
                 return path if return_filename else open(path, 'rb')
             untrusted = path
 
-    if verbose:
-        print(f'Downloading {url} ...', end='', file=sys.stderr, flush=True)
     try:
         data = _download(url, num_attempts=num_attempts, verbose=verbose)
     except IOError as err:

@@ -50,9 +50,10 @@ def invoke(*args):
     assert len(lines) == 1 and 'Traceback' not in result.output, result.output
     return lines[0]
 
-def start_train(*args, python_flags=(), wandb_home=None):
-    """Start train.py; returns the Popen."""
-    return subprocess.Popen([sys.executable, *python_flags, 'train.py', *args], cwd=ROOT, env=subprocess_env(wandb_home),
+def start_train(*args, python_flags=(), wandb_home=None, env=None):
+    """Start train.py (with `env` added to the environment); returns the Popen."""
+    return subprocess.Popen([sys.executable, *python_flags, 'train.py', *args], cwd=ROOT,
+        env=dict(subprocess_env(wandb_home), **(env or {})),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 def finish(proc, timeout=600):
@@ -104,6 +105,8 @@ def read_wandb_history(run_dir):
 
 class RecordingRun:
     """A W&B run that keeps what is logged: [(step, {key: value})]."""
+    id = 'recording'
+
     def __init__(self):
         self.logged = []
 

@@ -316,7 +316,12 @@ def test_malformed_npz(tmp_path, arrays, pattern):
 
 def test_npz_that_is_not_npz(tmp_path):
     (tmp_path / 'bad.npz').write_bytes(b'garbage')
-    expect_error(r"Source '.*bad\.npz' is not a readable \.npz file \(.*\); save it with numpy\.savez", f'--source={tmp_path / "bad.npz"}', f'--dest={tmp_path / "out.zip"}')
+    expect_error(r"Source '.*bad\.npz' is not a NumPy \.npz archive; save it with numpy\.savez\(path, images=uint8 \[N, H, W\(, C\)\], labels=int \[N\]\)\.",
+        f'--source={tmp_path / "bad.npz"}', f'--dest={tmp_path / "out.zip"}')
+    np.save(tmp_path / 'one.npy', np.zeros([2, 4, 4], np.uint8)) # An .npy under the name .npz.
+    os.replace(tmp_path / 'one.npy', tmp_path / 'one.npz')
+    expect_error(r"Source '.*one\.npz' is not a NumPy \.npz archive; save it with numpy\.savez", f'--source={tmp_path / "one.npz"}', f'--dest={tmp_path / "out.zip"}')
+    assert sorted(os.listdir(tmp_path)) == ['bad.npz', 'one.npz']
 
 def test_cifar10_tarball_without_batches(tmp_path):
     make_cifar10(tmp_path / 'c.tar.gz', batches=(1, 2))

@@ -5,6 +5,7 @@ its arithmetic, and every bad input.
 The runs use the digits dataset at 8x8 and one OpenMP thread per process, to
 stay fast on a shared 2-core machine."""
 
+import glob
 import json
 import os
 import pickle
@@ -33,15 +34,15 @@ RUN_NAME = 'digits8-uncond-ddpmpp-edm-gpus1-batch64-fp32'
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, digits8):
     """A: 2 kimg uninterrupted. B: the same options stopped at 1 kimg, with W&B
-    offline. C: B resumed to 2 kimg. A and C run under `-X importtime`."""
+    offline through WANDB_MODE. C: B resumed to 2 kimg, W&B too. A and B run under `-X importtime`."""
     outdir_a, outdir_bc = str(tmp_path_factory.mktemp('runs_a')), str(tmp_path_factory.mktemp('runs_bc'))
     args = [f'--data={digits8}', '--arch=ddpmpp', '--cbase=32', '--cres=1,2', '--batch-gpu=32', *SMALL_RUN]
     proc_a = start_train(f'--outdir={outdir_a}', *args, '--duration=0.002', python_flags=['-X', 'importtime'])
-    res_b = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.001', '--wandb=True', '--wandb_mode=offline', '--desc=b', python_flags=['-X', 'importtime'],
-        wandb_home=tmp_path_factory.mktemp('wandb_home')))
+    wandb = dict(wandb_home=tmp_path_factory.mktemp('wandb_home'), env=dict(WANDB_MODE='offline'))
+    res_b = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.001', '--wandb=True', '--desc=b', python_flags=['-X', 'importtime'], **wandb))
     assert res_b[0] == 0, res_b[2][-3000:]
     dir_b, = run_dirs(outdir_bc)
-    res_c = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.002', f'--resume={dir_b}', '--desc=c', python_flags=['-X', 'importtime']))
+    res_c = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.002', f'--resume={dir_b}', '--desc=c', '--wandb=True', **wandb))
     assert res_c[0] == 0, res_c[2][-3000:]
     res_a = finish(proc_a)
     assert res_a[0] == 0, res_a[2][-3000:]
@@ -158,18 +159,23 @@ def test_resumed_run_is_bit_identical_to_uninterrupted_run(runs):
 # Must show 4: W&B.
 
 def test_wandb_offline_run_holds_the_loss_history(runs):
-    history = read_wandb_history(runs['b'])
-    stats = read_stats(runs['b'])
-    assert [h['_step'] for h in history] == [64, 1024] # Logged at the images seen.
-    assert [h['Loss/loss'] for h in history] == pytest.approx([s['Loss/loss']['mean'] for s in stats], rel=1e-12)
-    assert [h['Loss/grad_norm'] for h in history] == pytest.approx([s['Loss/grad_norm']['mean'] for s in stats], rel=1e-12)
-    assert [h['Progress/lr'] for h in history] == pytest.approx([0, 1e-3])
+    for run in 'bc':
+        history, stats = read_wandb_history(runs[run]), read_stats(runs[run])
+        assert [h['Progress/kimg'] for h in history] == pytest.approx([s['Progress/kimg']['mean'] for s in stats])
+        assert [h['Loss/loss'] for h in history] == pytest.approx([s['Loss/loss']['mean'] for s in stats], rel=1e-12)
+        assert [h['Loss/grad_norm'] for h in history] == pytest.approx([s['Loss/grad_norm']['mean'] for s in stats], rel=1e-12)
+    assert [h['Progress/kimg'] for h in read_wandb_history(runs['b'])] == pytest.approx([0.064, 1.024])
+    assert [h['Progress/lr'] for h in read_wandb_history(runs['b'])] == pytest.approx([0, 1e-3])
+
+def test_wandb_mode_comes_from_the_environment_and_a_resumed_run_continues_its_wandb_run(runs):
+    ids = [re.fullmatch(r'offline-run-\d+_\d+-(\w+)', os.path.basename(path)) for run in 'bc'
+        for path in glob.glob(os.path.join(runs[run], 'wandb', 'offline-run-*'))]
+    assert len(ids) == 2 and all(ids) and ids[0].group(1) == ids[1].group(1)
 
 def test_wandb_is_not_imported_without_the_flag(runs):
     assert 'torch' in imported_modules(runs['res_a'][2]) # The import log works ...
     assert 'wandb' in imported_modules(runs['res_b'][2]) # ... and sees wandb when it is used,
     assert 'wandb' not in imported_modules(runs['res_a'][2]) # ... but not otherwise.
-    assert 'wandb' not in imported_modules(runs['res_c'][2])
     assert not os.path.exists(os.path.join(runs['a'], 'wandb'))
 
 #----------------------------------------------------------------------------
@@ -365,7 +371,7 @@ def test_loop_hooks_extras_and_validation(tmp_path, digits8, one_thread):
     assert [s['Progress/tick']['mean'] for s in stats] == [0, 1, 2, 3]
     assert [s.get('Validation/score', {}).get('mean') for s in stats] == [0.0, None, 80.0, 96.0] # The start's figure joins tick 0.
     import wandb # pylint: disable=import-outside-toplevel
-    assert [step for step, _ in wandb_run.logged] == [16, 48, 80, 96]
+    assert [logged['Progress/kimg'] for _, logged in wandb_run.logged] == pytest.approx([0.016, 0.048, 0.08, 0.096])
     for (_, logged), line in zip(wandb_run.logged, stats):
         assert {k: v for k, v in logged.items() if k != 'Validation/image'} == {k: v['mean'] for k, v in line.items() if k != 'timestamp'}
     assert [isinstance(logged.get('Validation/image'), wandb.Image) for _, logged in wandb_run.logged] == [True, False, True, True]

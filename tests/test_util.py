@@ -125,6 +125,22 @@ def test_open_url_retries_server_errors(tmp_path, http_server):
         assert f.read() == b'late'
     assert hits == ['/busy.pkl', '/busy.pkl']
 
+def test_download_messages_end_their_line(tmp_path, http_server, capsys):
+    root, base, _hits, failures = http_server
+    with pytest.raises(IOError):
+        util.open_url(f'{base}/missing.pkl', cache_dir=str(tmp_path / 'c'), num_attempts=3)
+    assert capsys.readouterr().err == f'Downloading {base}/missing.pkl ... failed\n' # A 404 is final.
+    (root / 'busy.pkl').write_bytes(b'late')
+    for num_failures, last in [(1, 'done'), (2, 'failed (2/2): 503 Server Error')]:
+        failures['/busy.pkl'] = num_failures
+        try:
+            util.open_url(f'{base}/busy.pkl', cache_dir=str(tmp_path / 'c'), num_attempts=2, cache=False).close()
+        except IOError:
+            assert num_failures == 2
+        err = capsys.readouterr().err
+        assert err.endswith('\n') and err.splitlines()[0].startswith(f'Downloading {base}/busy.pkl ... failed (1/2): 503 Server Error')
+        assert len(err.splitlines()) == 2 and err.splitlines()[1].startswith(f'Downloading {base}/busy.pkl ... {last}'), err
+
 def test_plain_http_needs_an_opt_in(tmp_path, http_server, monkeypatch):
     root, base, hits, _failures = http_server
     (root / 'net.pkl').write_bytes(b'abc')

@@ -169,6 +169,18 @@ def check_ddp_consistency(module, ignore_regex=None):
     if differing:
         raise RuntimeError(f'{", ".join(differing)} differ(s) between rank 0 and rank {torch.distributed.get_rank()}.')
 
+def probe_outputs(net, sigmas=(0.02, 0.8, 20.0), seed=0):
+    """The outputs of a network on a fixed probe batch at `sigmas` (float32, CPU)."""
+    gen, n = torch.Generator().manual_seed(seed), len(sigmas)
+    x = torch.randn([n, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
+    sigma = torch.tensor(sigmas, dtype=torch.float32)
+    labels = torch.eye(net.label_dim)[torch.randint(net.label_dim, [n], generator=gen)] if net.label_dim else None
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        out = net(x.mul(1 + sigma.reshape(-1, 1, 1, 1)).to(device), sigma.to(device),
+            None if labels is None else labels.to(device))
+    return out.to(torch.float32).cpu()
+
 #----------------------------------------------------------------------------
 
 def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):

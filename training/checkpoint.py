@@ -27,7 +27,7 @@ STATE_FORMATS_READ  = (1, 2)
 STATE_V1_GLOBALS    = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 STATE_RE            = re.compile(r'training-state-(\d+)\.pt')
 SAFETENSORS_FORMAT  = 1
-SNAPSHOT_MODULES    = tuple(f'training.{m}' for m in ('networks', 'networks_edm2', 'loss', 'loss_cd', 'augment'))
+SNAPSHOT_MODULES    = tuple(f'training.{m}' for m in ('networks', 'networks_edm2', 'loss', 'loss_cd', 'augment', 'encoders'))
 
 #----------------------------------------------------------------------------
 # Network snapshots.
@@ -61,9 +61,9 @@ def load_snapshot(path_or_url):
     return data
 
 def consistency_entry(loss_fn):
-    """A student snapshot's `consistency` entry: S, its S+1 levels and the teacher's guidance."""
+    """A student snapshot's `consistency` entry: S, its S+1 levels, the teacher's guidance, cur_nimg and T reached."""
     return dict(S=int(loss_fn.S), student_sigmas=[float(v) for v in loss_fn.student_sigmas().tolist()],
-        guidance=guidance.describe(loss_fn.teacher))
+        guidance=guidance.describe(loss_fn.teacher), cur_nimg=int(loss_fn.cur_nimg), T=int(loss_fn.T))
 
 def student_levels(data, path='The snapshot'):
     """The S+1 noise levels of a student snapshot (float64, ending in 0), or None for a diffusion network."""
@@ -83,8 +83,8 @@ def snapshot_data(ema, loss_fn=None, augment_pipe=None, dataset_kwargs=None, enc
     data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs or {}))
     if encoder is not None:
         data['encoder'] = encoder
-    if hasattr(loss_fn, 'student_sigmas'):
-        data['consistency'] = consistency_entry(loss_fn)
+    if hasattr(loss_fn, 'student_sigmas'): # Plain data: the code of a student's loss exists only here.
+        data.update(loss_fn=describe(loss_fn), consistency=consistency_entry(loss_fn))
     data.update(copy.deepcopy(dict(extras or {})))
     for key, value in data.items():
         if isinstance(value, torch.nn.Module):

@@ -248,7 +248,7 @@ class ImageFolderDataset(Dataset):
         latent = fname.lower().endswith(LATENT_EXTENSION)
         try:
             if latent:
-                image = np.load(io.BytesIO(self._read_file(fname)), allow_pickle=False)
+                image = np.lib.format.read_array(io.BytesIO(self._read_file(fname)), allow_pickle=False)
             else:
                 with PIL.Image.open(io.BytesIO(self._read_file(fname))) as pil:
                     if pil.mode not in ('L', 'RGB'):

@@ -321,16 +321,16 @@ def load_ref_stats(path_or_url, detector=INCEPTION_NAME, cache_dir=None, need_fe
     try:
         f = dnnlib.util.open_url(path_or_url, cache_dir=cache_dir, verbose=(dist.get_rank() == 0))
     except (OSError, ValueError) as err:
-        raise error('could not be downloaded' if dnnlib.util.is_url(path_or_url) else 'do not exist') from err
+        what = 'are a folder, not a file' if os.path.isdir(str(path_or_url)) else 'do not exist'
+        raise error('could not be downloaded' if dnnlib.util.is_url(path_or_url) else what) from err
     with f:
         raw = f.read()
     features = None
     if raw[:2] == b'PK' or str(path_or_url).lower().endswith('.npz'): # A zip archive: .npz.
         try:
-            npz = np.load(io.BytesIO(raw), allow_pickle=False)
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise ValueError('a single array, not an archive')
-            data = dict(npz)
+            if raw[:2] != b'PK':
+                raise ValueError('not a zip archive of NumPy arrays')
+            data = dict(np.load(io.BytesIO(raw), allow_pickle=False))
         except Exception as err: # pylint: disable=broad-except
             raise error(f'are not a readable .npz file ({err})') from err
         ref_detector = str(data['detector']) if 'detector' in data else None

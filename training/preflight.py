@@ -9,6 +9,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import misc
 from training import checkpoint
 from training import consistency_ops
 from training import encoders
@@ -60,7 +61,7 @@ def check_options(opts, given, cd_options):
     check_guidance(opts.gnet, opts.guidance)
     if opts.transfer is not None and opts.resume is not None:
         raise ValueError('--transfer and --resume cannot be used together; --resume already restores the network.')
-    dnnlib.util.check_writable(opts.outdir, '--outdir')
+    dnnlib.util.check_writable(opts.outdir, '--outdir', folder=True)
     resume_dir = opts.resume if opts.resume is None or os.path.isdir(opts.resume) else os.path.dirname(opts.resume)
     resumed = resume_dir is not None and os.path.abspath(resume_dir) == os.path.abspath(opts.outdir)
     if opts.nosubdir and os.path.isfile(os.path.join(opts.outdir, 'training_options.json')) and not resumed:
@@ -109,15 +110,6 @@ def network_description(net, what='The teacher'):
     kwargs = {key: value for key, value in desc['init_kwargs'].items() if key not in INTERFACE_KWARGS}
     return dict(class_name=desc['class_name'], **kwargs)
 
-def probe_outputs(net, seed=0):
-    """The outputs of a network on a fixed probe batch (float32, CPU)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn([3, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
-    sigma = torch.tensor([0.02, 0.8, 20.0])
-    labels = torch.eye(net.label_dim)[torch.randint(net.label_dim, [3], generator=gen)] if net.label_dim else None
-    with torch.no_grad():
-        return net(x * (1 + sigma.reshape(-1, 1, 1, 1)), sigma, labels).to(torch.float32)
-
 def on_project_class(net, what='The teacher'):
     """A pickled network rebuilt on the project's class of its name if the outputs agree; else, warning, itself."""
     name = checkpoint.project_class_name(net)
@@ -127,7 +119,7 @@ def on_project_class(net, what='The teacher'):
         ours = dnnlib.util.construct_class_by_name(*net.init_args, class_name=name, **net.init_kwargs)
         ours.load_state_dict(net.state_dict(), strict=True, assign=True)
         ours.eval().requires_grad_(False)
-        expected, got = probe_outputs(net.cpu().eval()), probe_outputs(ours)
+        expected, got = misc.probe_outputs(net.cpu().eval()), misc.probe_outputs(ours)
         error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1))
     except Exception as err: # pylint: disable=broad-except
         error, reason = None, checkpoint.reason(err)

@@ -44,11 +44,18 @@ def set_rng_states(states, device):
 class TrainingStopped(Exception):
     """The run stopped for a reason the user can act on."""
 
+PROBE_SIGMAS = (0.002, 0.01, 0.1, 1, 10, 80) # Noise levels of the finite-output check before saving.
+
 def _check_finite(modules, cur_tick, cur_nimg, fix):
+    """TrainingStopped unless every module has finite weights and outputs on a fixed probe batch (eval mode)."""
     for module in modules:
-        if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
-            raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): the weights are '
-                f'no longer finite, so nothing more is saved; {fix}.')
+        mode = module.training
+        finite = all(bool(torch.isfinite(p).all()) for p in module.parameters()) and \
+            bool(torch.isfinite(misc.probe_outputs(module.eval(), PROBE_SIGMAS)).all())
+        module.train(mode)
+        if not finite:
+            raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): the network no '
+                f'longer gives finite outputs, so nothing more is saved; {fix}.')
 
 NOT_SETTINGS = ('run_dir', 'snapshot_extras', 'wandb_run', 'device', 'inputs', 'resume_pkl', 'resume_state_dump',
     'dataset_kwargs.resolution', 'dataset_kwargs.max_size') # Where a run starts or what it found.
@@ -183,14 +190,17 @@ def training_loop(
         else:
             dist.print0('The number of ranks or the batch per rank differs from the saved run: it continues with the '
                 'same data and random numbers, but its gradient sums may round differently.')
+    last_state = inputs.resume_state_dump # The newest training state that passed _check_finite().
+    wandb_id = wandb_run.id if wandb_run is not None else (state or {}).get('wandb_id') # A resume continues it.
     del inputs, state
-    divergence_fix = 'lower the learning rate or lengthen its warm-up, and resume from the last training state'
+    fix = lambda: 'lower the learning rate or lengthen its warm-up, and ' + \
+        (f'resume from "{last_state}"' if last_state is not None else 'start again')
 
     # Snapshots and training states; validation sees the EMA, else the first profile.
     eval_net = ema if ema is not None else pf_ema.emas[0] if pf_ema is not None else net
     def save_snapshot(file_name, snapshot_net=None):
         snapshot_net = eval_net if snapshot_net is None else snapshot_net
-        _check_finite([snapshot_net], cur_tick, cur_nimg, divergence_fix)
+        _check_finite([snapshot_net], cur_tick, cur_nimg, fix())
         extras = snapshot_extras(net=net, ema=snapshot_net, loss_fn=loss_fn, cur_nimg=cur_nimg) \
             if callable(snapshot_extras) else snapshot_extras
         data = checkpoint.snapshot_data(ema=snapshot_net, loss_fn=loss_fn, augment_pipe=augment_pipe,
@@ -199,15 +209,17 @@ def training_loop(
             checkpoint.save_snapshot(os.path.join(run_dir, file_name), data)
 
     def save_state(file_name):
+        nonlocal last_state
         emas = ([] if ema is None else [ema]) + ([] if pf_ema is None else pf_ema.emas)
-        _check_finite([net] + emas, cur_tick, cur_nimg, divergence_fix)
+        _check_finite([net] + emas, cur_tick, cur_nimg, fix())
         rng_states = dist.gather_objects(get_rng_states(device))
+        last_state = os.path.join(run_dir or '', file_name)
         if rank == 0:
-            checkpoint.save_training_state(os.path.join(run_dir, file_name), checkpoint.training_state(net=net,
+            checkpoint.save_training_state(last_state, checkpoint.training_state(net=net,
                 ema=ema, pf_ema=pf_ema, optimizer=optimizer, loss_fn=loss_fn, network_kwargs=network_kwargs,
                 loss_kwargs=loss_kwargs, cur_nimg=cur_nimg, cur_tick=cur_tick, seed=seed, batch_size=batch_size,
                 batch_gpu=batch_gpu, world_size=world_size, rng_states=rng_states, settings=settings,
-                teacher_digest=teacher_digest))
+                teacher_digest=teacher_digest, wandb_id=wandb_id))
 
     # Validation: scalars to the statistics, the rest to W&B.
     def validate():
@@ -278,7 +290,7 @@ def training_loop(
 
         if int(worst_bad_steps) > max_bad_steps:
             raise TrainingStopped(f'Training diverged at tick {cur_tick} ({cur_nimg / 1e3:g} kimg): '
-                f'{int(worst_bad_steps)} consecutive steps had a non-finite loss or gradient; {divergence_fix}.')
+                f'{int(worst_bad_steps)} consecutive steps had a non-finite loss or gradient; {fix()}.')
         worst_bad_steps = bad_steps
 
         # Progress line.
@@ -330,7 +342,7 @@ def training_loop(
                     import wandb # pylint: disable=import-outside-toplevel
                     log.update({name: wandb.Image(value) if isinstance(value, np.ndarray) else value
                         for name, value in wandb_media.items()})
-                wandb_run.log(log, step=cur_nimg)
+                wandb_run.log(log) # Against Progress/kimg (train.init_wandb).
         wandb_media = dict()
 
         # Next tick.
