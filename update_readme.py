@@ -35,8 +35,7 @@ def _value(param):
     return (param.metavar or param.type.name.upper()).replace('|', '\\|')
 
 def _default(param):
-    match = DEFAULT_RE.search(param.help or '')
-    if match:
+    if match := DEFAULT_RE.search(param.help or ''):
         return match.group(1)
     if param.is_flag and param.secondary_opts:
         return param.opts[0] if param.default else param.secondary_opts[0]

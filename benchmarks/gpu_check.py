@@ -39,10 +39,8 @@ def _fixture_errors(ctx, family, precision, suffix=''):
     """Relative errors of D_x against the fixtures of `family`, in `precision`."""
     folder, errors = os.path.join(ROOT, 'tests', 'fixtures', f'{family}_reference'), {}
     with open(os.path.join(folder, 'manifest.json')) as f:
-        manifest = json.load(f)
+        manifest = {name: entry for name, entry in json.load(f).items() if not name.startswith('full:')}
     for name, entry in manifest.items():
-        if name.startswith('full:'):
-            continue
         with np.load(os.path.join(folder, f'{name}.npz')) as data:
             arrays = {key: torch.from_numpy(data[key]) for key in data.files}
         net = (networks_edm2.Precond if family == 'edm2' else getattr(networks, entry['precond']))(**entry['kwargs'])
@@ -63,7 +61,7 @@ def check_fixtures_fp32(ctx):
         raise AssertionError(f'fixtures beyond tolerance: {bad}')
     return errors
 
-def check_fixtures_reduced(ctx):
+def check_fixtures_fp16_bf16(ctx):
     """The EDM fixtures in fp16 (EDM's use_fp16) and bf16 (autocast), loosely: 5e-2 and 1e-1."""
     if not ctx.cuda:
         raise Skip('reduced precision runs on CUDA only')
@@ -73,7 +71,7 @@ def check_fixtures_reduced(ctx):
         raise AssertionError(f'reduced-precision fixtures beyond tolerance: {bad}')
     return errors
 
-def check_attention(ctx):
+def check_attention_and_gradients(ctx):
     """scaled_dot_product_attention and its gradients against the einsum form, per dtype."""
     details = {}
     for dtype in [torch.float32] + [torch.float16, torch.bfloat16] * ctx.cuda:
@@ -101,7 +99,7 @@ def _small_edm(ctx):
             p.add_(torch.randn_like(p) * 0.05)
     return net.train().to(ctx.device)
 
-def check_dropout_replay(ctx, compiled=False):
+def check_dropout_replay_live(ctx, compiled=False):
     """The `live` target draws the student's dropout masks, on the device's generator (eager)."""
     if compiled:
         if ctx.tiny:
@@ -124,9 +122,9 @@ def check_dropout_replay(ctx, compiled=False):
         raise AssertionError(f'{"compiled: " * compiled}replayed masks differ by {err:.3g} (others: {control:.3g})')
     return dict(replayed=err, other_masks=control, **({} if compiled else dict(generator=ctx.device.type)))
 
-def check_dropout_replay_compiled(ctx):
+def check_dropout_replay_live_compiled(ctx):
     """The same with torch.compile (eager random numbers in compiled graphs)."""
-    return check_dropout_replay(ctx, compiled=True)
+    return check_dropout_replay_live(ctx, compiled=True)
 
 def _adam(ctx, net):
     return steps.make_optimizer(net.parameters(), dict(class_name='torch.optim.Adam', lr=1e-4), ctx.device)
@@ -138,7 +136,7 @@ def _train_step(ddp, net, loss_fn, optimizer, images, labels, precision):
     grad_norm = steps.optimizer_step(net, optimizer, 1e-4)
     steps.update_target(loss_fn, net, torch.isfinite(grad_norm))
 
-def check_sync_free_step(ctx):
+def check_step_without_host_sync(ctx):
     """A distillation step (ema target, dropout replay, fused Adam, statistics) under set_sync_debug_mode('error')."""
     if not ctx.cuda:
         raise Skip('host synchronisation is a CUDA notion')
@@ -165,7 +163,7 @@ def _run(args, env=None):
         raise AssertionError(f'{" ".join(args[1:4])} failed: {(proc.stderr or proc.stdout)[-2000:]}')
     return proc
 
-def check_pytest_cuda_tests(ctx):
+def check_pytest_cuda_only_tests(ctx):
     """The suite's CUDA-only tests."""
     if not ctx.cuda:
         raise Skip('on the CPU these tests skip themselves')
@@ -201,16 +199,7 @@ def check_torchrun_distillation(ctx):
         raise AssertionError(f'no validation figures or not one rank on {device}: {proc.stdout[-1500:]}')
     return dict(validation=validation, ticks=len(stats))
 
-CHECKS = [
-    ('fixtures_fp32',                check_fixtures_fp32),
-    ('fixtures_fp16_bf16',           check_fixtures_reduced),
-    ('attention_and_gradients',      check_attention),
-    ('dropout_replay_live',          check_dropout_replay),
-    ('dropout_replay_live_compiled', check_dropout_replay_compiled),
-    ('step_without_host_sync',       check_sync_free_step),
-    ('pytest_cuda_only_tests',       check_pytest_cuda_tests),
-    ('torchrun_distillation',        check_torchrun_distillation),
-]
+CHECKS = [(name.removeprefix('check_'), fn) for name, fn in globals().items() if name.startswith('check_')] # In order.
 
 #----------------------------------------------------------------------------
 # Throughput: images/s and peak memory of EDM and distillation steps.

@@ -9,29 +9,19 @@ from . import training_stats
 
 #----------------------------------------------------------------------------
 
-def launched_by_torchrun():
-    return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-
 def init(device_type=None):
     """Join the torchrun process group, if any; return the device (device_type 'cuda', 'cpu' or None = auto)."""
-    if device_type is None:
-        device_type = 'cuda' if torch.cuda.is_available() else 'cpu'
-    assert device_type in ('cuda', 'cpu')
-    if device_type == 'cuda' and not torch.cuda.is_available():
+    assert device_type in (None, 'cuda', 'cpu')
+    cuda = torch.cuda.is_available() if device_type is None else device_type == 'cuda'
+    if cuda and not torch.cuda.is_available():
         raise ValueError('CUDA was requested but no CUDA device is available.')
-
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    device = torch.device('cuda', local_rank) if device_type == 'cuda' else torch.device('cpu')
-    if device_type == 'cuda':
+    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0'))) if cuda else torch.device('cpu')
+    if cuda:
         torch.cuda.set_device(device)
-
-    if launched_by_torchrun() and not torch.distributed.is_initialized():
-        backend = 'nccl' if device_type == 'cuda' else 'gloo'
-        kwargs = dict(device_id=device) if device_type == 'cuda' else dict()
-        torch.distributed.init_process_group(backend=backend, init_method='env://', **kwargs)
-
-    sync_device = device if get_world_size() > 1 else None
-    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not torch.distributed.is_initialized(): # torchrun
+        torch.distributed.init_process_group(backend=('nccl' if cuda else 'gloo'), init_method='env://',
+            **(dict(device_id=device) if cuda else dict()))
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=(device if get_world_size() > 1 else None))
     return device
 
 def set_cpu_threads(workers=0):
@@ -103,9 +93,8 @@ def on_rank0(fn, share=False):
         except ValueError as err:
             message = str(err)
     if get_world_size() > 1:
-        result_shared, message = broadcast_object((result if share else None, message))
-        if share:
-            result = result_shared
+        shared, message = broadcast_object((result if share else None, message))
+        result = shared if share else result
     if message is not None:
         raise ValueError(message)
     return result

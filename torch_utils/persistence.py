@@ -25,8 +25,7 @@ def persistent_class(orig_class):
     if is_persistent(orig_class):
         return orig_class
     assert orig_class.__module__ in sys.modules
-    orig_module = sys.modules[orig_class.__module__]
-    orig_module_src = _module_to_src(orig_module)
+    orig_module_src = _module_to_src(sys.modules[orig_class.__module__])
 
     class Decorator(orig_class):
         _orig_module_src = orig_module_src
@@ -52,15 +51,11 @@ def persistent_class(orig_class):
             if fields[0] is not _reconstruct_persistent_obj:
                 meta = dict(type='class', version=_version, module_src=self._orig_module_src,
                     class_name=self._orig_class_name, state=fields[2])
-                fields[0] = _reconstruct_persistent_obj
-                fields[1] = (meta,)
-                fields[2] = None
+                fields[:3] = [_reconstruct_persistent_obj, (meta,), None]
             return tuple(fields)
 
-    Decorator.__name__ = orig_class.__name__
-    Decorator.__qualname__ = orig_class.__qualname__
-    Decorator.__module__ = orig_class.__module__
-    Decorator.__doc__ = orig_class.__doc__
+    for attr in ('__name__', '__qualname__', '__module__', '__doc__'):
+        setattr(Decorator, attr, getattr(orig_class, attr))
     _decorators.add(Decorator)
     return Decorator
 
@@ -73,11 +68,9 @@ def _recorded(obj, value, what):
 
 def is_persistent(obj):
     try:
-        if obj in _decorators:
-            return True
-    except TypeError:
-        pass
-    return type(obj) in _decorators
+        return obj in _decorators or type(obj) in _decorators
+    except TypeError: # Unhashable.
+        return type(obj) in _decorators
 
 def import_hook(hook):
     """Register `hook(meta) -> meta`, applied to every persistent object before loading."""
@@ -112,22 +105,17 @@ def _reconstruct_persistent_obj(meta):
     return obj
 
 def _module_to_src(module):
-    src = _module_to_src_dict.get(module, None)
-    if src is None:
-        src = inspect.getsource(module)
-        _module_to_src_dict[module] = src
+    if module not in _module_to_src_dict:
+        _module_to_src_dict[module] = src = inspect.getsource(module)
         _src_to_module_dict[src] = module
-    return src
+    return _module_to_src_dict[module]
 
 def _src_to_module(src):
-    module = _src_to_module_dict.get(src, None)
-    if module is None:
-        module_name = '_imported_module_' + uuid.uuid4().hex
-        module = types.ModuleType(module_name)
-        sys.modules[module_name] = module
+    if src not in _src_to_module_dict:
+        module = types.ModuleType('_imported_module_' + uuid.uuid4().hex)
+        sys.modules[module.__name__] = _src_to_module_dict[src] = module
         _module_to_src_dict[module] = src
-        _src_to_module_dict[src] = module
         exec(src, module.__dict__) # pylint: disable=exec-used
-    return module
+    return _src_to_module_dict[src]
 
 #----------------------------------------------------------------------------

@@ -21,13 +21,11 @@ _cumulative     = dict()            # name -> moments over all updates.
 
 def init_multiprocessing(rank, sync_device):
     global _rank, _sync_device
-    _rank = rank
-    _sync_device = sync_device
+    _rank, _sync_device = rank, sync_device
 
 def report(name, value, mask=None):
     """Record the finite scalars of `value` under `name` (where `mask` is true); return `value`."""
-    if name not in _counters:
-        _counters[name] = dict()
+    counters = _counters.setdefault(name, dict())
     elems = torch.as_tensor(value)
     if elems.numel() == 0:
         return value
@@ -35,13 +33,12 @@ def report(name, value, mask=None):
     finite = torch.isfinite(elems)
     if mask is not None:
         finite = finite & torch.as_tensor(mask, device=elems.device).flatten().to(torch.bool)
-    finite = finite.to(_counter_dtype)
-    elems = torch.where(finite > 0, elems, 0)
-    moments = torch.stack([finite.sum(), elems.sum(), elems.square().sum()])
-    device = moments.device
-    if device not in _counters[name]:
-        _counters[name][device] = torch.zeros_like(moments)
-    _counters[name][device].add_(moments)
+    elems = torch.where(finite, elems, 0)
+    moments = torch.stack([finite.to(_counter_dtype).sum(), elems.sum(), elems.square().sum()])
+    if moments.device in counters:
+        counters[moments.device].add_(moments)
+    else:
+        counters[moments.device] = moments
     return value
 
 def masked_quantiles(values, mask, qs):
@@ -51,16 +48,12 @@ def masked_quantiles(values, mask, qs):
     count = mask.sum()
     ordered = torch.where(mask, values, torch.inf).sort().values
     last = (count - 1).clamp(min=0)
-    results = []
-    for q in qs:
+    def quantile(q):
         pos = last.to(values.dtype) * q
         lo = pos.floor().to(torch.int64)
-        hi = torch.minimum(lo + 1, last)
-        below = ordered.gather(0, lo.reshape(1))[0] # ordered[lo] would sync with the host.
-        above = ordered.gather(0, hi.reshape(1))[0]
-        value = torch.where(count > 0, below + (above - below) * (pos - lo.to(values.dtype)), 0)
-        results.append(value.reshape(1))
-    return results, (count > 0).reshape(1)
+        below, above = ordered.gather(0, torch.stack([lo, torch.minimum(lo + 1, last)])) # ordered[lo] would sync.
+        return torch.where(count > 0, below + (above - below) * (pos - lo.to(values.dtype)), 0).reshape(1)
+    return [quantile(q) for q in qs], (count > 0).reshape(1)
 
 def report0(name, value, mask=None):
     """report() of rank 0's values; other ranks register the name."""
@@ -75,8 +68,7 @@ class Collector:
     def __init__(self, regex='.*', keep_previous=True):
         self._regex = re.compile(regex)
         self._keep_previous = keep_previous
-        self._cumulative = dict()
-        self._moments = dict()
+        self._cumulative, self._moments = dict(), dict()
         self.update()
         self._moments.clear()
 
@@ -87,45 +79,32 @@ class Collector:
         if not self._keep_previous:
             self._moments.clear()
         for name, cumulative in _sync(self.names()):
-            if name not in self._cumulative:
-                self._cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-            delta = cumulative - self._cumulative[name]
-            self._cumulative[name].copy_(cumulative)
+            delta = cumulative - self._cumulative.get(name, 0)
+            self._cumulative[name] = cumulative
             if float(delta[0]) != 0:
                 self._moments[name] = delta
 
     def _get_delta(self, name):
         assert self._regex.fullmatch(name)
-        if name not in self._moments:
-            self._moments[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        return self._moments[name]
+        return self._moments.get(name, torch.zeros([_num_moments], dtype=_counter_dtype))
 
     def num(self, name):
         return int(self._get_delta(name)[0])
 
     def mean(self, name):
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0:
-            return float('nan')
-        return float(delta[1] / delta[0])
+        num, total, _ = self._get_delta(name).tolist()
+        return total / num if num != 0 else float('nan')
 
     def std(self, name):
-        delta = self._get_delta(name)
-        if int(delta[0]) == 0 or not np.isfinite(float(delta[1])):
+        num, total, squares = self._get_delta(name).tolist()
+        if num == 0 or not np.isfinite(total):
             return float('nan')
-        if int(delta[0]) == 1:
-            return 0.0
-        mean = float(delta[1] / delta[0])
-        raw_var = float(delta[2] / delta[0])
-        return float(np.sqrt(max(raw_var - np.square(mean), 0)))
+        return 0.0 if num == 1 else float(np.sqrt(max(squares / num - np.square(total / num), 0)))
 
     def as_dict(self):
         """name -> EasyDict(num, mean, std), for names with data."""
-        stats = dnnlib.EasyDict()
-        for name in self.names():
-            if self.num(name) > 0:
-                stats[name] = dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
-        return stats
+        return dnnlib.EasyDict({name: dnnlib.EasyDict(num=self.num(name), mean=self.mean(name), std=self.std(name))
+            for name in self.names() if self.num(name) > 0})
 
     def __getitem__(self, name):
         return self.mean(name)
@@ -133,7 +112,7 @@ class Collector:
 #----------------------------------------------------------------------------
 
 def _sync(names):
-    """[(name, cumulative moments summed over ranks)] after folding in the counters."""
+    """[(name, cumulative moments summed over ranks)] after folding in the counters (new tensors each call)."""
     if len(names) == 0:
         return []
     deltas = []
@@ -147,11 +126,8 @@ def _sync(names):
     deltas = torch.stack(deltas)
     if _sync_device is not None:
         torch.distributed.all_reduce(deltas)
-    deltas = deltas.cpu()
-    for idx, name in enumerate(names):
-        if name not in _cumulative:
-            _cumulative[name] = torch.zeros([_num_moments], dtype=_counter_dtype)
-        _cumulative[name].add_(deltas[idx])
+    for name, delta in zip(names, deltas.cpu()):
+        _cumulative[name] = _cumulative.get(name, 0) + delta
     return [(name, _cumulative[name]) for name in names]
 
 #----------------------------------------------------------------------------

@@ -121,8 +121,7 @@ class AugmentPipe:
         """Scaling, rotation, anisotropy and fractional translation."""
         N, C, H, W = images.shape
         device = images.device
-        I_3 = torch.eye(3, device=device)
-        G_inv = I_3
+        G_inv = I_3 = torch.eye(3, device=device)
 
         if self.scale > 0:
             w = self._gate(torch.randn([N], device=device), self.scale)
@@ -155,8 +154,7 @@ class AugmentPipe:
 
         # Reflect-pad to cover the transformed corners.
         conv2d = torch.nn.functional.conv2d
-        cx = (W - 1) / 2
-        cy = (H - 1) / 2
+        cx, cy = (W - 1) / 2, (H - 1) / 2
         corners = matrix([-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1], device=device) # [corner, xyz]
         corners = G_inv @ corners.t() # [batch, xyz, corner]
         Hz = np.asarray(SYM6_LOWPASS, dtype=np.float32)
@@ -192,15 +190,13 @@ class AugmentPipe:
         taps = misc.constant(Hz[None, None, :], dtype=images.dtype, device=device).tile([C, 1, 1])
         pad = (len(Hz) - 1) // 2
         images = conv2d(images, taps.unsqueeze(2), groups=C, stride=[1, 2], padding=[0, pad])[:, :, :, Hz_pad : -Hz_pad]
-        images = conv2d(images, taps.unsqueeze(3), groups=C, stride=[2, 1], padding=[pad, 0])[:, :, Hz_pad : -Hz_pad, :]
-        return images
+        return conv2d(images, taps.unsqueeze(3), groups=C, stride=[2, 1], padding=[pad, 0])[:, :, Hz_pad : -Hz_pad, :]
 
     def _color(self, images, labels):
         """Brightness, contrast, luma flip, hue and saturation."""
         N, C, H, W = images.shape
         device = images.device
-        I_4 = torch.eye(4, device=device)
-        M = I_4
+        M = I_4 = torch.eye(4, device=device)
         luma = misc.constant(np.asarray([1, 1, 1, 0]) / np.sqrt(3), device=device)
 
         if self.brightness > 0:

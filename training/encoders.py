@@ -76,10 +76,7 @@ class StabilityVAEEncoder(Encoder):
 
     def init(self, device):
         super().init(device)
-        if self._vae is None:
-            self._vae = load_vae(self.vae_name, device=device)
-        else:
-            self._vae.to(device)
+        self._vae = load_vae(self.vae_name, device=device) if self._vae is None else self._vae.to(device)
 
     def __getstate__(self):
         return dict(super().__getstate__(), _vae=None) # The VAE is loaded again, never pickled.

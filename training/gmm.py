@@ -22,15 +22,12 @@ class GaussianMixture(torch.nn.Module):
         factors = torch.as_tensor(factors, dtype=torch.float64).reshape(K, dim, -1)
         noise_std = torch.as_tensor(noise_std, dtype=torch.float64).reshape(-1).expand(K).clone()
         assert weights.shape[0] == K and bool((weights > 0).all()) and bool((noise_std > 0).all())
-        self.register_buffer('means', means)
-        self.register_buffer('weights', weights / weights.sum())
-        self.register_buffer('factors', factors)
-        self.register_buffer('noise_var', noise_std ** 2)
         lam, vecs = torch.linalg.eigh(factors.transpose(1, 2) @ factors) # U_k^T U_k = V diag(lambda) V^T.
-        basis = factors @ vecs # W_k = U_k V_k, |w_i|^2 = lambda_i.
-        self.register_buffer('lam', lam)
-        self.register_buffer('basis', basis.transpose(0, 1).contiguous()) # [D, K, r]
-        self.register_buffer('mean_proj', torch.einsum('kd,kdr->kr', means, basis))
+        basis = factors @ vecs # W_k = U_k V_k, |w_i|^2 = lambda_i; stored as [D, K, r].
+        buffers = dict(means=means, weights=weights / weights.sum(), factors=factors, noise_var=noise_std ** 2, lam=lam,
+            basis=basis.transpose(0, 1).contiguous(), mean_proj=torch.einsum('kd,kdr->kr', means, basis))
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
         self.img_channels, self.img_resolution, self.label_dim = img_channels, img_resolution, 0
         self.sigma_min, self.sigma_max = 0, float('inf')
 
@@ -61,8 +58,7 @@ class GaussianMixture(torch.nn.Module):
         resp = torch.softmax(loglik, dim=1)
         iso = resp * self.noise_var[None, :] / c # p_k s_k^2 / c_k
         low = (resp[..., None] * (sigma[:, None, None] ** 2 / c[..., None]) * shrink * proj).reshape(N, K * r)
-        denoised = x * iso.sum(dim=1, keepdim=True) + (resp - iso) @ self.means + low @ basis.T
-        return loglik, denoised
+        return loglik, x * iso.sum(dim=1, keepdim=True) + (resp - iso) @ self.means + low @ basis.T
 
     def log_likelihoods(self, x, sigma=0):
         """log w_k + log N(x; mu_k, Sigma_k + sigma^2 I) for every component, float64 [N, K]."""

@@ -104,15 +104,12 @@ def _summarize_history(history):
 
 def _append_history(run_dir, entry):
     """Append one line to metrics-val.jsonl in one flushed write, first ending a line cut short by a crash."""
-    path = os.path.join(run_dir, HISTORY_FILE)
     text = json.dumps(entry) + '\n'
-    if os.path.isfile(path) and os.path.getsize(path) > 0:
-        with open(path, 'rb') as f:
+    with open(os.path.join(run_dir, HISTORY_FILE), 'a+b') as f:
+        if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
-            if f.read(1) != b'\n':
-                text = '\n' + text
-    with open(path, 'at', encoding='utf-8') as f:
-        f.write(text)
+            text = text if f.read(1) == b'\n' else '\n' + text
+        f.write(text.encode('utf-8'))
         f.flush()
         os.fsync(f.fileno())
 
@@ -195,8 +192,7 @@ def _reference(opts, det, dim, image_shape, run_dir):
         images = _open_ref_data(opts.ref_data, image_shape)
     dist.print0(f'Validation: reference statistics of {len(images)} images from "{opts.ref_data}" '
         f'with detector "{det.name}"...')
-    stats = metrics.compute_dataset_stats(images, det, batch_size=opts.batch, num_workers=opts.workers)
-    mu, sigma = stats.mean_cov()
+    mu, sigma = metrics.compute_dataset_stats(images, det, batch_size=opts.batch, num_workers=opts.workers).mean_cov()
     if dist.get_rank() != 0:
         return None
     if run_dir is not None:
@@ -235,12 +231,10 @@ def _teacher_images(teacher, indices, opts, device, kept, new_images=None):
         cache = dict()
     key = lambda i: (opts.seed + i, i % teacher.label_dim if teacher.label_dim else None, opts.heun_steps)
     if new_images is not None:
-        for i, image in zip(indices, new_images):
-            cache[key(i)] = image.to('cpu', torch.float32)
-    missing = [i for i in indices if key(i) not in cache]
-    for chunk in _batches(missing, opts.batch):
-        for i, image in zip(chunk, _teacher_heun(teacher, chunk, opts, device, kept)):
-            cache[key(i)] = image.to('cpu', torch.float32)
+        cache.update({key(i): image.to('cpu', torch.float32) for i, image in zip(indices, new_images)})
+    for chunk in _batches([i for i in indices if key(i) not in cache], opts.batch):
+        images = _teacher_heun(teacher, chunk, opts, device, kept)
+        cache.update({key(i): image.to('cpu', torch.float32) for i, image in zip(chunk, images)})
     return torch.stack([cache[key(i)] for i in indices]).to(device, torch.float64)
 
 #----------------------------------------------------------------------------
@@ -267,7 +261,7 @@ def validate(
     opts = _parse_options(num, seed, batch, ref, ref_data, detector, teacher, agree_num, heun_steps, grid_num,
         save_best, workers, resume_dir)
     device = torch.device(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
     opts.clip, to_uint8 = encoder is None, (samplers.to_uint8 if encoder is None else encoder.decode)
     if encoder is not None:
@@ -294,8 +288,7 @@ def validate(
     det, fd_name, ref_stats = None, None, None
     if opts.num > 0:
         det = metrics.load_detector(opts.detector, device=device)
-        fd_name = det.key
-        ref_stats = _reference(opts, det, det.feature_dim(image_shape), image_shape, run_dir)
+        fd_name, ref_stats = det.key, _reference(opts, det, det.feature_dim(image_shape), image_shape, run_dir)
 
     def fd_of(stats):
         stats.all_reduce()
@@ -324,12 +317,11 @@ def validate(
     # The network's images: features, agreement with the teacher, the grid.
     dist.print0(f'Validation: {total} images ({sampler_desc}) on {world} rank(s)...')
     stats = metrics.FeatureStats(det.device) if det is not None else None
-    sq_err = torch.zeros([2], dtype=torch.float64, device=device) # Sum of squared differences, number of values.
-    nonfinite = torch.zeros([], dtype=torch.float64, device=device) # Images with a non-finite pixel.
+    sums = torch.zeros([3], dtype=torch.float64, device=device) # Squared differences, their number, non-finite images.
     grid_items = []
     for chunk in _rank_batches(total, opts.batch):
         images = _generate(net, chunk, opts, device, sample_fn, **sample_kwargs)
-        nonfinite += (~torch.isfinite(images)).flatten(1).any(dim=1).sum()
+        sums[2] += (~torch.isfinite(images)).flatten(1).any(dim=1).sum()
         images_u8 = to_uint8(images)
         rows = [j for j, i in enumerate(chunk) if i < opts.num]
         if rows:
@@ -337,19 +329,20 @@ def validate(
         rows = [j for j, i in enumerate(chunk) if i < agree_num]
         if rows:
             diff = images[rows] - _teacher_images(teacher_net, [chunk[j] for j in rows], opts, device, kept)
-            sq_err += torch.stack([diff.square().sum(), torch.tensor(diff.numel(), dtype=torch.float64, device=device)])
+            sums[0] += diff.square().sum()
+            sums[1] += diff.numel()
         grid_items += [(i, im.permute(1, 2, 0).cpu().numpy()) for i, im in zip(chunk, images_u8) if i < opts.grid_num]
     if dist.is_distributed():
-        torch.distributed.all_reduce(sq_err)
-        torch.distributed.all_reduce(nonfinite)
+        torch.distributed.all_reduce(sums)
+    sq_err, num_values, nonfinite = sums.tolist()
     if nonfinite > 0:
-        figures['nonfinite_frac'] = float(nonfinite) / total
+        figures['nonfinite_frac'] = nonfinite / total
         dist.print0(f'Validation: {int(nonfinite)} of {total} images are not finite (the network diverged); '
             'their figures are NaN.')
     if stats is not None:
         figures[fd_name] = fd_of(stats) if nonfinite == 0 else math.nan # Features of non-finite images mean nothing.
     if agree_num > 0:
-        figures.update(metrics.agreement(float(sq_err[0] / sq_err[1])))
+        figures.update(metrics.agreement(sq_err / num_values))
 
     # The best snapshot; the grid of the first images.
     value = figures.get(fd_name, math.nan)
@@ -362,7 +355,7 @@ def validate(
     # Record and report.
     time_end = time.time()
     figures['sec'] = time_end - time_start
-    if rank == 0:
+    if dist.get_rank() == 0:
         entry = dict(tick=int(cur_tick), kimg=cur_nimg / 1e3, figures=figures, best=best, sampler=sampler_desc,
             detector=(det.name if det is not None else None), num=opts.num, agree_num=agree_num, seed=opts.seed,
             world_size=world, time_start=time_start, time_end=time_end)
