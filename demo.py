@@ -173,7 +173,9 @@ def plot_curves(teacher_dir, student_dir, path):
 @click.option('--eval_num',     help='Images per sampler in the final comparison', metavar='INT', type=RANGE(300),
     default=1000)
 @click.option('--seed',         help='Seed of both training runs', metavar='INT', type=int, default=0)
-def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
+@click.option('--ct',           help='Tune the student by consistency training: no teacher hop', metavar='BOOL',
+    type=bool, default=False)
+def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed, ct):
     """Run the embedded default end to end on the CPU: the digits dataset (16x16), an EDM teacher, a 4-step
     consistency student, grids, a table and a plot, all in one new folder under --outdir.
 
@@ -216,10 +218,11 @@ def main(outdir, teacher_kimg, student_kimg, cbase, S, eval_num, seed):
     for path in glob.glob(os.path.join(teacher_dir, 'val-ref-*.npz')):
         shutil.copy(path, student_dir)
     say(f'=== [3] done in {dnnlib.util.format_time(heun_sec)}')
-    distil = start_script(4, f'Distilling a {S}-step student ({student_kimg} kimg)', ['train.py',
+    how = ['Tuning', '--ct=True'] if ct else ['Distilling', '--T_start=16'] # Tuning: T from S edges (the default).
+    distil = start_script(4, f'{how[0]} a {S}-step student ({student_kimg} kimg)', ['train.py',
         f'--outdir={student_dir}', '--nosubdir', f'--data={data}', *arch, f'--duration={student_kimg / 1000}',
         '--lr=2e-4', '--lr_rampup=0', '--ema=0.001', '--consistency=True', f'--teacher={teacher_pkl}', f'--S={S}',
-        '--student_sigmas=karras_open', '--T_start=16', '--T_end=64', f'--T_anneal_kimg={student_kimg // 2}',
+        '--student_sigmas=karras_open', how[1], '--T_end=64', f'--T_anneal_kimg={student_kimg // 2}',
         *val, f'--val_num={VAL_NUM}', '--val_agree_num=250', '--val_at_start=True', '--val_every=2'])
     grids = [('teacher, Heun, 35 NFE', 'grid-teacher-heun.png', ['--sampler=heun', '--steps=18']),
         (f'teacher, Euler, {S} NFE', f'grid-teacher-euler{S}.png', ['--sampler=euler', f'--steps={S}']),

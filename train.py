@@ -91,6 +91,7 @@ CD_LOSS_OPTIONS = [ # (option, keyword of the loss, type, default, help)
     ('cd_loss',         'loss',             click.Choice(loss_cd.LOSSES), 'pseudo_huber', 'Distance of student and target'),
     ('cd_huber_c',      'huber_c',          POSITIVE,               None,       'c of pseudo_huber, delta of huber  [default: 0.00054 sqrt(d), 0.00054]'),
     ('cd_weight_mode',  'weight_mode',      click.Choice(loss_cd.WEIGHT_MODES), 'sqrt_karras', 'Weight lambda(sigma) of the loss'),
+    ('ct',              'ct',               bool,                   False,      'Consistency training: the data\'s hop, no teacher; tuning with --transfer'),
 ]
 CD_OPTIONS = ['teacher', 'gnet', 'guidance', 'student_init', 'teacher_precision', 'no_terminal_anchor', 'no_sync_dropout',
     *[row[0] for row in CD_LOSS_OPTIONS]] # Only for --consistency=True.
@@ -134,6 +135,8 @@ def apply_defaults(opts, given, student=None):
     opts.update(defaults)
     family = FAMILY_DEFAULTS['edm2' if opts.arch == 'edm2' else 'edm']
     opts.update({key: value for key, value in family.items() if key not in given and key not in defaults})
+    if opts.ct and 'T_start' not in given: # One edge per Karras segment: the denoising loss at the start.
+        opts.T_start = opts.S
 
 #----------------------------------------------------------------------------
 # Options -> training loop keywords.
@@ -205,7 +208,7 @@ def run_description(opts, c, dataset_obj):
     arch = f'teacher-{opts.precond}' if opts.get('student') is not None else opts.arch if opts.arch == 'edm2' else f'{opts.arch}-{opts.precond}'
     desc = f'{dataset_obj.name}-{"cond" if c.dataset_kwargs.use_labels else "uncond"}-{arch}-gpus{dist.get_world_size()}'
     desc += f'-batch{c.batch_size}-{precisions.resolve(c.precision, c.network_kwargs.use_fp16)}'
-    desc += f'-cd{opts.S}' if opts.consistency else ''
+    desc += f'-{"ct" if opts.ct else "cd"}{opts.S}' if opts.consistency else ''
     return desc + (f'-{opts.desc}' if opts.desc is not None else '')
 
 #----------------------------------------------------------------------------
@@ -246,15 +249,18 @@ def print_options(opts, c, device):
     dist.print0()
     dist.print0(f'Run directory:    {c.run_dir}')
     dist.print0(f'Dataset:          {opts.data} ({"with" if opts.cond else "without"} labels)')
-    network = f'the teacher\'s architecture ({c.network_kwargs.class_name})' if opts.student is not None else \
+    source = 'the --transfer network' if opts.ct and opts.transfer else 'the teacher'
+    network = f'{source}\'s architecture ({c.network_kwargs.class_name})' if opts.student is not None else \
         f'{opts.arch}, {opts.precond} preconditioning'
     reduced = (c.precision or c.network_kwargs.use_fp16) and device.type != 'cuda'
     dist.print0(f'Network:          {network}, {precisions.resolve(c.precision, c.network_kwargs.use_fp16)}' +
         (' (reduced precision needs CUDA)' if reduced else ''))
     if opts.consistency:
-        start = 'the teacher' if c.get('resume_pkl') == opts.teacher else (f'"{opts.transfer}"' if opts.transfer is not None else 'random')
-        dist.print0(f'Distillation:     S={opts.S} student of "{opts.teacher}"{guidance.describe_text(opts.gnet, opts.guidance)}, '
-            f'starting from {start if opts.resume is None else "the --resume state"}')
+        start = 'the teacher' if opts.teacher and c.get('resume_pkl') == opts.teacher else \
+            f'"{opts.transfer}"' if opts.transfer is not None else 'random'
+        what = f'Consistency training: S={opts.S} student' if opts.ct else \
+            f'Distillation:     S={opts.S} student of "{opts.teacher}"{guidance.describe_text(opts.gnet, opts.guidance)}'
+        dist.print0(f'{what}, starting from {start if opts.resume is None else "the --resume state"}')
     dist.print0(f'Ranks:            {dist.get_world_size()} on {device.type}')
     dist.print0(f'Batch:            {c.batch_size}')
     dist.print0()
@@ -416,8 +422,12 @@ def main(**kwargs):
             if device.type == 'cpu':
                 dist.set_cpu_threads(workers=opts.workers)
             teacher = preflight.load_teacher(opts.teacher, opts.gnet, opts.guidance) if opts.consistency and opts.teacher else None
-            from_teacher = teacher is not None and opts.transfer is None and opts.student_init != 'random' and not given & set(ARCH_OPTIONS)
-            opts.student = preflight.network_description(guidance.unwrap(teacher), f'The teacher "{opts.teacher}"') if from_teacher else None
+            tuning = opts.consistency and opts.ct and opts.transfer is not None # The student is built like its --transfer network.
+            source = preflight.load_network(opts.transfer, '--transfer') if tuning else \
+                guidance.unwrap(teacher) if teacher is not None else None
+            from_source = source is not None and (tuning or opts.transfer is None) and opts.student_init != 'random'
+            what = f'The --transfer snapshot "{opts.transfer}"' if tuning else f'The teacher "{opts.teacher}"'
+            opts.student = preflight.network_description(source, what) if from_source and not given & set(ARCH_OPTIONS) else None
             apply_defaults(opts, given, opts.student)
             preflight.check_options(opts, given, CD_OPTIONS)
             c = training_config(opts, device)

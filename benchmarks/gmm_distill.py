@@ -45,6 +45,7 @@ def make_mixture(name):
 # Presets: keywords of ConsistencyDistillLoss, or of the student sampler as sampler_*.
 # Interior sigmas per S where gmm8's `karras` students err, set by hand.
 MID_LAYOUTS = {2: '2', 4: '8,2,0.5', 8: '12,6,3.5,2,1.2,0.6,0.25'}
+ONE_EDGE = {S: S for S in (1, 2, 4, 8, 16)} # T_start of consistency training: one edge per segment.
 
 CONFIGS = dict(
     current=dict(), T16=dict(T_start=16, T_end=16), T_budget=dict(T_start=16, T_end=64, T_anneal_kimg=None),
@@ -60,6 +61,7 @@ CONFIGS = dict(
     stochastic=dict(sampler_stochastic=True), layout_mid=dict(student_sigmas=MID_LAYOUTS),
     layout_mid_teacher=dict(student_sigmas=MID_LAYOUTS, target_mode='teacher'), oracle=dict(oracle_substeps=8),
     oracle_layout_mid=dict(oracle_substeps=8, student_sigmas=MID_LAYOUTS),
+    ct=dict(ct=True, T_start=ONE_EDGE, T_anneal_kimg=None), # Consistency training (tuning with --init_steps).
 )
 
 def parse_value(text):

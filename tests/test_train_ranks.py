@@ -32,9 +32,9 @@ def assert_same_weights(one, two):
     for idx, state in one['optimizer_state']['state'].items():
         assert all(torch.equal(value, two['optimizer_state']['state'][idx][name]) for name, value in state.items()), idx
 
-@pytest.mark.parametrize('kind', ['edm', 'cd'])
+@pytest.mark.parametrize('kind', ['edm', 'cd', 'ct'])
 def test_two_ranks_give_the_weights_of_one_rank_accumulating_two_rounds(tmp_path, digits8, teacher, kind):
-    args = EDM_RUN if kind == 'edm' else [*CD_RUN, f'--teacher={teacher}']
+    args = dict(edm=EDM_RUN, cd=[*CD_RUN, f'--teacher={teacher}'], ct=[*CD_RUN, '--ct=True'])[kind]
     one, two = tmp_path / 'one', tmp_path / 'two'
     procs = [start_train(f'--outdir={one}', f'--data={digits8}', *args), start_torchrun(f'--outdir={two}', f'--data={digits8}', *args)]
     for proc in procs:
@@ -42,6 +42,6 @@ def test_two_ranks_give_the_weights_of_one_rank_accumulating_two_rounds(tmp_path
         assert code == 0, (out + err)[-3000:]
     a, b = final_state(one), final_state(two)
     assert_same_weights(a, b)
-    if kind == 'cd':
+    if kind != 'edm':
         target_a, target_b = a['loss_state']['target'], b['loss_state']['target'] # The 'ema' target of the distillation.
         assert target_a.keys() == target_b.keys() and all(torch.equal(value, target_b[name]) for name, value in target_a.items())

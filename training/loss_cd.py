@@ -61,7 +61,8 @@ def distance(diff, mode='pseudo_huber', huber_c=None):
 
 @persistence.persistent_class
 class ConsistencyDistillLoss:
-    """Multistep consistency distillation of a frozen EDM teacher into an S-step student."""
+    """Multistep consistency distillation of a frozen EDM teacher into an S-step student, or with `ct`, consistency
+    training or tuning without one (cd-spec section 10)."""
 
     def __init__(self, *,
         S                       = 8,                # Student steps (segments).
@@ -87,12 +88,14 @@ class ConsistencyDistillLoss:
         precision               = 'float32',        # Of hops, DDIM and loss.
         addim_scale             = 0,                # Variance scale of the aDDIM bridge; 0 = DDIM.
         addim_prior             = 0.5,              # Prior variance of the aDDIM posterior.
+        ct                      = False,            # Consistency training: hop to y + sigma_s eps, no teacher.
     ):
         anchor = default_terminal_anchor(sampling_mode) if terminal_anchor is None else bool(terminal_anchor)
         assert int(S) == S >= 1 and int(T_start) == T_start >= 1 and int(T_end) == T_end >= 1 and T_anneal_kimg >= 0
         assert T_anneal in ops.ANNEAL_MODES and sampling_mode in ops.SAMPLING_MODES and target_mode in TARGET_MODES
         assert loss in LOSSES and weight_mode in WEIGHT_MODES and 0 <= target_ema < 1
         assert (huber_c is None or huber_c > 0) and (terminal_prob is None or anchor)
+        assert not (ct and target_mode == 'teacher')
         if terminal_prob is not None and not 0 < terminal_prob < 1:
             raise ValueError(f'terminal_prob={terminal_prob:g} is outside (0, 1); pass a probability in that range.')
         if precision not in PRECISIONS:
@@ -108,7 +111,7 @@ class ConsistencyDistillLoss:
         self.target_mode, self.target_ema, self.sync_dropout = target_mode, target_ema, bool(sync_dropout)
         self.loss, self.huber_c, self.weight_mode, self.precision = loss, huber_c, weight_mode, precision
         self.addim_scale, self.addim_prior = float(addim_scale), float(addim_prior)
-        self.cur_nimg = 0
+        self.ct, self.cur_nimg = bool(ct), 0
         self._init_runtime()
         self.set_teacher(None)
 
@@ -234,7 +237,7 @@ class ConsistencyDistillLoss:
 
     def _check(self, student, images):
         teacher = self._teacher
-        assert teacher is not None, 'call set_teacher() first'
+        assert teacher is not None or self.ct, 'call set_teacher() first'
         for attr in ('img_resolution', 'img_channels', 'label_dim'):
             t_value, s_value = getattr(teacher, attr, None), getattr(student, attr, None)
             if t_value is not None and s_value is not None and t_value != s_value:
@@ -262,12 +265,16 @@ class ConsistencyDistillLoss:
         k = grid.sample(N)
         seg, case = grid.seg[k], grid.case[k]
         sigma_t, sigma_s, sigma_ref = (sigmas[k].to(dtype) for sigmas in (grid.sigma_t, grid.sigma_s, grid.sigma_ref))
-        x_t = y + ops.expand_sigma(sigma_t, y) * torch.randn_like(y)
+        eps = torch.randn_like(y)
+        x_t = y + ops.expand_sigma(sigma_t, y) * eps
         rows = lambda mask: ops.expand_sigma(mask, y).to(torch.bool)
 
-        # Teacher: Heun hops.
+        # Hop to sigma_s: the teacher's Heun hop, or the draw's own point (consistency training).
         teacher = self._run(self._teacher)
-        x_s = ops.heun_hop(ops.make_denoiser(teacher, labels, augment_labels), x_t, sigma_t, sigma_s, dtype=dtype)
+        if self.ct:
+            x_s = y + ops.expand_sigma(sigma_s, y) * eps
+        else:
+            x_s = ops.heun_hop(ops.make_denoiser(teacher, labels, augment_labels), x_t, sigma_t, sigma_s, dtype=dtype)
         x_ref = x_s if self.terminal_teacher_hop else torch.where(rows(case != ops.TERMINAL), x_s, y)
 
         # Target: x_ref of the general samples = DDIM of its prediction from sigma_s to the boundary.

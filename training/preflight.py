@@ -45,9 +45,15 @@ def check_options(opts, given, cd_options):
         raise ValueError(f'--{cd_given[0]} applies only to consistency distillation; '
             'pass --consistency=True or leave it out.')
     if opts.consistency:
-        if opts.teacher is None:
+        if opts.teacher is None and not opts.ct:
             raise ValueError('--consistency=True needs a teacher to distil; '
-                'pass --teacher with a network snapshot (path or URL).')
+                'pass --teacher with a network snapshot (path or URL), or --ct=True to train without one.')
+        if opts.ct and opts.cd_target_mode == 'teacher':
+            raise ValueError('--cd_target_mode=teacher needs a teacher in the loss, which --ct=True runs without; '
+                'pass --cd_target_mode=ema or live.')
+        if opts.ct and opts.gnet is not None:
+            raise ValueError('--gnet guides the teacher\'s hop, which --ct=True replaces by the data\'s; '
+                'leave --gnet and --guidance out.')
         if opts.transfer is not None and opts.student_init is not None:
             raise ValueError(f'--transfer and --student_init={opts.student_init} both choose the weights the student starts from; '
                 'pass only one of them.')
@@ -143,7 +149,7 @@ def _open_dataset(dataset_kwargs):
                 'pass --cond=False or rebuild it with labels using dataset_tool.py.') from err
         raise ValueError(f'--data: {err}') from err
 
-def _load_network(path, option):
+def load_network(path, option):
     try:
         return checkpoint.load_snapshot(path)['ema']
     except ValueError as err:
@@ -153,14 +159,14 @@ def load_teacher(teacher_pkl, gnet_pkl=None, guidance=None):
     """The frozen teacher: the `ema` of `teacher_pkl`, guided by that of `gnet_pkl` with weight `guidance`."""
     check_guidance(gnet_pkl, guidance)
     dist.print0(f'Loading the teacher "{teacher_pkl}"...')
-    net = on_project_class(_load_network(teacher_pkl, '--teacher'))
+    net = on_project_class(load_network(teacher_pkl, '--teacher'))
     note = samplers.noise_range_note(net, 'The teacher', 'the noise levels of the distillation\'s grids (--sigma_min, --sigma_max)')
     if note is not None:
         dist.print0(note)
     if gnet_pkl is None:
         return net.eval().requires_grad_(False)
     dist.print0(f'Loading the guide "{gnet_pkl}" (guidance {guidance:g})...')
-    gnet = on_project_class(_load_network(gnet_pkl, '--gnet'), what='The guide')
+    gnet = on_project_class(load_network(gnet_pkl, '--gnet'), what='The guide')
     guidance_lib.check_guide(net, gnet, where=f'The guide "{gnet_pkl}"')
     return guidance_lib.guided(net, gnet, guidance, gnet_name=gnet_pkl).eval().requires_grad_(False)
 
@@ -316,7 +322,7 @@ def setup(
             raise ValueError(f'The teacher "{teacher_pkl}" is of class {type(init_net).__name__}, but the student would be of class {student_class}; {fix}.')
         checkpoint.check_tensors(checkpoint.tensor_shapes(init_net), shapes, f'The teacher "{teacher_pkl}"', fix, require_all=True)
     elif resume_pkl is not None:
-        init_net = _load_network(resume_pkl, '--transfer')
+        init_net = load_network(resume_pkl, '--transfer')
         fix = 'choose the --arch, --cbase, --cres, --cond and --augment of the network in it'
         checkpoint.check_tensors(checkpoint.tensor_shapes(init_net), shapes, f'The --transfer snapshot "{resume_pkl}"', fix)
 
