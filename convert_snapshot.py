@@ -11,20 +11,6 @@ from training import checkpoint
 
 #----------------------------------------------------------------------------
 
-def check_same(data, dest):
-    """The snapshot read back from `dest`; a ValueError unless its networks equal the pickle's bit for bit."""
-    again = checkpoint.load_safetensors(dest)
-    for key, value in data.items():
-        if isinstance(value, torch.nn.Module):
-            theirs, ours = value.state_dict(), again[key].state_dict()
-            same = (theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k].cpu(), ours[k]) for k in theirs)
-            if theirs.keys() != ours.keys() or not all(same):
-                raise ValueError(f'"{dest}" does not rebuild the network "{key}" of the pickle exactly; '
-                    'convert a snapshot of this repository\'s networks.')
-    return again
-
-#----------------------------------------------------------------------------
-
 @click.command()
 @click.option('--src', help='Snapshot pickle to convert (unpickled once: it runs its code)', metavar='PKL|URL',
     required=True)
@@ -43,14 +29,20 @@ def main(src, dest):
         if os.path.exists(dest):
             raise ValueError(f'--dest={dest} already exists; delete it or pass another path.')
         dnnlib.util.check_writable(dest, '--dest')
-    if checkpoint.is_safetensors(src):
-        raise click.ClickException(f'--src={src} is already a safetensors snapshot; pass a snapshot pickle.')
-    print(f'Unpickling "{src}" runs the code it carries, on the user\'s say-so; convert only files you trust.')
-    with dnnlib.util.user_errors():
+        if checkpoint.is_safetensors(src):
+            raise ValueError(f'--src={src} is already a safetensors snapshot; pass a snapshot pickle.')
+        print(f'Unpickling "{src}" runs the code it carries, on the user\'s say-so; convert only files you trust.')
         data = checkpoint.load_snapshot(src)
         checkpoint.save_safetensors(dest, data)
-        try:
-            again = check_same(data, dest)
+        try: # Read back, the networks must equal the pickle's bit for bit.
+            again = checkpoint.load_safetensors(dest)
+            for key, value in data.items():
+                if isinstance(value, torch.nn.Module):
+                    theirs, ours = value.state_dict(), again[key].state_dict()
+                    same = (theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k].cpu(), ours[k]) for k in theirs)
+                    if theirs.keys() != ours.keys() or not all(same):
+                        raise ValueError(f'"{dest}" does not rebuild the network "{key}" of the pickle exactly; '
+                            'convert a snapshot of this repository\'s networks.')
         except ValueError:
             os.remove(dest)
             raise

@@ -49,7 +49,7 @@ def array_source(images, labels, max_images): # images [N, H, W, C]
     return Source([f'image {i}' for i in range(len(images))], [images.shape[2:0:-1]] * len(images),
         images.__getitem__, labels)
 
-def file_source(src, names, opener, labels, close=lambda: None):
+def file_source(src, names, opener, labels, close):
     """Image files in a folder or zip (opener: name -> binary file)."""
     def read(name, fn):
         try:

@@ -36,16 +36,6 @@ def parse_stds(text):
             raise click.BadParameter(f'"{part}" is neither a number nor a range lo-hi:step; {example}.')
     return sorted(set(stds))
 
-def list_snapshots(indir):
-    """[(kimg, sigma_rel, path)] of the power-function EMA snapshots in `indir`, sorted."""
-    if not os.path.isdir(indir):
-        raise click.ClickException(f'--indir={indir} is not a folder; pass the run directory of train.py --phema.')
-    matches = [m for m in map(SNAPSHOT_RE.fullmatch, os.listdir(indir)) if m]
-    if not matches:
-        raise click.ClickException(f'--indir={indir} holds no power-function EMA snapshots '
-            '(network-snapshot-<kimg>-<sigma_rel>.pkl); pass the run directory of train.py --phema.')
-    return sorted((int(m.group(1)), float(m.group(2)), os.path.join(indir, m.group(0))) for m in matches)
-
 #----------------------------------------------------------------------------
 
 @click.command()
@@ -65,7 +55,14 @@ def main(indir, outdir, outstd, outkimg):
     """
     with dnnlib.util.user_errors():
         dnnlib.util.check_writable(outdir, '--outdir', folder=True)
-    snapshots = [item for item in list_snapshots(indir) if item[0] > 0] # At kimg 0 a profile has no width yet.
+    if not os.path.isdir(indir):
+        raise click.ClickException(f'--indir={indir} is not a folder; pass the run directory of train.py --phema.')
+    matches = [m for m in map(SNAPSHOT_RE.fullmatch, os.listdir(indir)) if m]
+    if not matches:
+        raise click.ClickException(f'--indir={indir} holds no power-function EMA snapshots '
+            '(network-snapshot-<kimg>-<sigma_rel>.pkl); pass the run directory of train.py --phema.')
+    snapshots = sorted((int(m.group(1)), float(m.group(2)), os.path.join(indir, m.group(0))) for m in matches)
+    snapshots = [item for item in snapshots if item[0] > 0] # At kimg 0 a profile has no width yet.
     newest = max((item[0] for item in snapshots), default=0)
     out_kimg = newest if outkimg is None else outkimg
     if out_kimg > newest:
@@ -89,7 +86,7 @@ def main(indir, outdir, outstd, outkimg):
 
     # The weighted sums, one snapshot at a time.
     print(f'Reconstructing {len(outstd)} profile(s) at {out_kimg} kimg from {len(snapshots)} snapshots of {indir}...')
-    sums, template, reference = None, None, None
+    sums = template = reference = None
     for (_kimg, _std, path), row in zip(tqdm.tqdm(snapshots, unit='snapshot'), coefs):
         with dnnlib.util.user_errors():
             data = checkpoint.load_snapshot(path)

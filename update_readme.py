@@ -1,5 +1,5 @@
-"""Regenerate the option tables of README.md and docs/*.md from the scripts' click definitions: each table
-sits between `<!-- options: SCRIPT [SUBCOMMAND] -->` and `<!-- /options -->`; --check only reports stale ones."""
+"""The option tables of README.md and docs/*.md, from the scripts' click definitions: each table sits between
+`<!-- options: SCRIPT [SUBCOMMAND] -->` and `<!-- /options -->`."""
 
 import glob
 import importlib
@@ -46,7 +46,7 @@ def _default(param):
     return ','.join(map(str, param.default)) if isinstance(param.default, (list, tuple)) else str(param.default)
 
 def options_table(spec):
-    """A Markdown table of the options of a command: option, value, default, meaning."""
+    """A Markdown table of the options of a command."""
     rows = ['| option | value | default | meaning |', '|---|---|---|---|']
     for param in load_command(spec).params:
         if isinstance(param, click.Option) and not param.hidden:

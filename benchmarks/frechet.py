@@ -1,6 +1,5 @@
 """Time the Fréchet distance of training/metrics.py against scipy.linalg.sqrtm and sqrt(sigma1) from eigh, on
-random covariances of 2,048 dimensions (with OPENBLAS_NUM_THREADS=1: the arithmetic alone).
-"""
+random covariances of 2,048 dimensions (with OPENBLAS_NUM_THREADS=1: the arithmetic alone)."""
 
 import os
 import sys
@@ -42,12 +41,8 @@ def main(dim, repeats, seed):
     rng = np.random.default_rng(seed)
     args = (*random_stats(rng, dim, 1.0), *random_stats(rng, dim, np.linspace(0.5, 1.5, dim)[:, None]))
     def best_time(fn):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn(*args)
-            times.append(time.perf_counter() - start)
-        return result, min(times)
+        runs = [(time.perf_counter(), fn(*args), time.perf_counter()) for _ in range(repeats)]
+        return runs[-1][1], min(end - start for start, _result, end in runs)
     reference, t_sqrtm = best_time(sqrtm_frechet)
     threads = os.environ.get('OPENBLAS_NUM_THREADS', 'unset')
     print(f'dim {dim}, best of {repeats}, {os.cpu_count()} CPU cores, OPENBLAS_NUM_THREADS={threads}')

@@ -34,11 +34,7 @@ class EasyDict(dict):
 class Logger:
     """Copies everything written to stdout and stderr into a log file."""
 
-    def __init__(self,
-        file_name       = None,     # None = no log file.
-        file_mode       = 'a',
-        should_flush    = True,     # Flush after every write?
-    ):
+    def __init__(self, file_name=None, file_mode='a', should_flush=True): # file_name=None: no log file.
         self.file = open(file_name, file_mode) if file_name is not None else None
         self.should_flush = should_flush
         self.stdout, self.stderr = sys.stdout, sys.stderr
@@ -53,7 +49,7 @@ class Logger:
     def write(self, text):
         if isinstance(text, bytes):
             text = text.decode()
-        if len(text) == 0:
+        if not text:
             return
         if self.file is not None:
             self.file.write(text)
@@ -230,16 +226,8 @@ def construct_class_by_name(*args, class_name=None, **kwargs):
 #----------------------------------------------------------------------------
 # URLs, files and the download cache.
 
-_dnnlib_cache_dir = None
-
-def set_cache_dir(path):
-    global _dnnlib_cache_dir
-    _dnnlib_cache_dir = path
-
 def make_cache_dir_path(*paths):
     """A path inside the download cache: $DNNLIB_CACHE_DIR, else ~/.cache/dnnlib."""
-    if _dnnlib_cache_dir is not None:
-        return os.path.join(_dnnlib_cache_dir, *paths)
     if 'DNNLIB_CACHE_DIR' in os.environ:
         return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
     if 'HOME' in os.environ:

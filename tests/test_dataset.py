@@ -63,7 +63,7 @@ def test_reads_images_and_onehot_labels(tmp_path, container):
     assert dataset.name == 'data'
     assert dataset.image_shape == [3, 8, 8]
     assert dataset.num_channels == 3 and dataset.resolution == 8
-    assert dataset.has_labels and dataset.label_dim == 3 and dataset.label_shape == [3]
+    assert dataset.label_dim == 3
     for i in range(5):
         image, label = dataset[i]
         assert image.dtype == np.uint8 and image.shape == (3, 8, 8)
@@ -75,7 +75,7 @@ def test_reads_images_and_onehot_labels(tmp_path, container):
 def test_without_labels_gives_empty_labels(tmp_path):
     path = write_folder(tmp_path / 'data', make_files(random_images(3), labels=[0, 1, 1]))
     dataset = ImageFolderDataset(path=path)
-    assert not dataset.has_labels and dataset.label_dim == 0
+    assert dataset.label_dim == 0
     _image, label = dataset[0]
     assert label.shape == (0,) and label.dtype == np.float32
 

@@ -99,7 +99,7 @@ def test_edm2_class_paths_build_edm2s_encoders():
 # Bad input.
 
 def test_vae_that_cannot_be_found(tmp_path, monkeypatch):
-    import huggingface_hub # pylint: disable=import-outside-toplevel
+    import huggingface_hub.constants # pylint: disable=import-outside-toplevel
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True) # As without a network, but at once.
     with pytest.raises(ValueError) as info:
         encoders.load_vae('no-such-user/no-such-vae', cache_dir=str(tmp_path / 'cache'))

@@ -23,13 +23,6 @@ def test_const_like_takes_dtype_and_device_of_the_reference():
     b = misc.const_like(ref, 3, shape=[2, 2], dtype=torch.float64)
     assert b.dtype == torch.float64 and b.tolist() == [[3.0, 3.0], [3.0, 3.0]]
 
-def test_assert_shape():
-    misc.assert_shape(torch.zeros(2, 3), [None, 3])
-    with pytest.raises(AssertionError, match='dimension 1'):
-        misc.assert_shape(torch.zeros(2, 3), [2, 4])
-    with pytest.raises(AssertionError, match='number of dimensions'):
-        misc.assert_shape(torch.zeros(2, 3), [2])
-
 #----------------------------------------------------------------------------
 
 def _take(sampler, n):

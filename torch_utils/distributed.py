@@ -56,8 +56,6 @@ def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs)
 
-#----------------------------------------------------------------------------
-
 @contextlib.contextmanager
 def rank0_first():
     """Rank 0 runs the block first, then the other ranks."""

@@ -1,9 +1,7 @@
-"""Tensor constants, shape checks, parameter copying, the infinite sampler and DDP helpers (EDM and EDM2 pickles
+"""Tensor constants, parameter copying, the infinite sampler and DDP helpers (EDM and EDM2 pickles
 call several of these)."""
 
 import contextlib
-import re
-import warnings
 
 import numpy as np
 import torch
@@ -14,58 +12,24 @@ import dnnlib
 
 _constant_cache = dict()
 
-def constant(value, shape=None, dtype=None, device=None, memory_format=None):
+def constant(value, shape=None, dtype=None, device=None):
     value = np.asarray(value)
     shape = tuple(shape) if shape is not None else None
     dtype = dtype if dtype is not None else torch.get_default_dtype()
     device = device if device is not None else torch.device('cpu')
-    memory_format = memory_format if memory_format is not None else torch.contiguous_format
-    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device, memory_format)
+    key = (value.shape, value.dtype, value.tobytes(), shape, dtype, device)
     tensor = _constant_cache.get(key, None)
     if tensor is None:
         tensor = torch.as_tensor(value.copy(), dtype=dtype, device=device)
         if shape is not None:
             tensor, _ = torch.broadcast_tensors(tensor, torch.empty(shape))
-        tensor = tensor.contiguous(memory_format=memory_format)
+        tensor = tensor.contiguous()
         _constant_cache[key] = tensor
     return tensor
 
-def const_like(ref, value, shape=None, dtype=None, device=None, memory_format=None):
+def const_like(ref, value, shape=None, dtype=None, device=None):
     return constant(value, shape=shape, dtype=(ref.dtype if dtype is None else dtype),
-        device=(ref.device if device is None else device), memory_format=memory_format)
-
-def nan_to_num(input, nan=0.0, posinf=None, neginf=None, *, out=None): # pylint: disable=redefined-builtin
-    return torch.nan_to_num(input, nan=nan, posinf=posinf, neginf=neginf, out=out)
-
-@contextlib.contextmanager
-def suppress_tracer_warnings():
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', category=torch.jit.TracerWarning)
-        yield
-
-def assert_shape(tensor, ref_shape):
-    """Assert the shape of a tensor; None entries match any size."""
-    if tensor.ndim != len(ref_shape):
-        raise AssertionError(f'Wrong number of dimensions: got {tensor.ndim}, expected {len(ref_shape)}')
-    for idx, (size, ref_size) in enumerate(zip(tensor.shape, ref_shape)):
-        if ref_size is None:
-            continue
-        if isinstance(ref_size, torch.Tensor):
-            with suppress_tracer_warnings():
-                torch._assert(torch.equal(torch.as_tensor(size), ref_size), f'Wrong size for dimension {idx}')
-        elif isinstance(size, torch.Tensor):
-            with suppress_tracer_warnings():
-                torch._assert(torch.equal(size, torch.as_tensor(ref_size)),
-                    f'Wrong size for dimension {idx}: expected {ref_size}')
-        elif size != ref_size:
-            raise AssertionError(f'Wrong size for dimension {idx}: got {size}, expected {ref_size}')
-
-def profiled_function(fn):
-    def decorator(*args, **kwargs):
-        with torch.autograd.profiler.record_function(fn.__name__):
-            return fn(*args, **kwargs)
-    decorator.__name__ = fn.__name__
-    return decorator
+        device=(ref.device if device is None else device))
 
 #----------------------------------------------------------------------------
 
@@ -86,11 +50,6 @@ class InfiniteSampler(torch.utils.data.Sampler):
         self.start_idx = start_idx
         self.block = block
 
-    def epoch_order(self, epoch):
-        if not self.shuffle:
-            return np.arange(len(self.dataset))
-        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.dataset))
-
     def __iter__(self):
         size = len(self.dataset)
         idx = self.start_idx
@@ -101,18 +60,17 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 idx = (idx // self.block + skip) * self.block
             if idx // size != epoch:
                 epoch = idx // size
-                order = self.epoch_order(epoch)
+                rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+                order = rng.permutation(size) if self.shuffle else np.arange(size)
             yield int(order[idx % size])
             idx += 1
 
 #----------------------------------------------------------------------------
 
 def params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
     return list(module.parameters()) + list(module.buffers())
 
 def named_params_and_buffers(module):
-    assert isinstance(module, torch.nn.Module)
     return list(module.named_parameters()) + list(module.named_buffers())
 
 @torch.no_grad()
@@ -149,29 +107,25 @@ def ddp_sync(module, sync):
         with module.no_sync():
             yield
 
-def check_ddp_consistency(module, ignore_regex=None):
+def check_ddp_consistency(module):
     """Raise if any parameter or buffer differs between rank 0 and this rank."""
-    assert isinstance(module, torch.nn.Module)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     differing = []
     for name, tensor in named_params_and_buffers(module):
-        fullname = type(module).__name__ + '.' + name
-        if ignore_regex is not None and re.fullmatch(ignore_regex, fullname):
-            continue
         tensor = tensor.detach()
         if tensor.is_floating_point():
             tensor = torch.nan_to_num(tensor)
         other = tensor.clone()
         torch.distributed.broadcast(tensor=other, src=0)
         if not (tensor == other).all():
-            differing.append(fullname)
+            differing.append(type(module).__name__ + '.' + name)
     if differing:
         raise RuntimeError(f'{", ".join(differing)} differ(s) between rank 0 and rank {torch.distributed.get_rank()}.')
 
-def probe_outputs(net, sigmas=(0.02, 0.8, 20.0), seed=0):
+def probe_outputs(net, sigmas=(0.02, 0.8, 20.0)):
     """The outputs of a network on a fixed probe batch at `sigmas` (float32, CPU)."""
-    gen, n = torch.Generator().manual_seed(seed), len(sigmas)
+    gen, n = torch.Generator().manual_seed(0), len(sigmas)
     x = torch.randn([n, net.img_channels, net.img_resolution, net.img_resolution], generator=gen)
     sigma = torch.tensor(sigmas, dtype=torch.float32)
     labels = torch.eye(net.label_dim)[torch.randint(net.label_dim, [n], generator=gen)] if net.label_dim else None
@@ -183,13 +137,12 @@ def probe_outputs(net, sigmas=(0.02, 0.8, 20.0), seed=0):
 
 #----------------------------------------------------------------------------
 
-def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
+def print_module_summary(module, inputs, max_nesting=3):
     """Print the parameter counts and output shapes of the submodules in `module(*inputs)`; return its outputs."""
     assert isinstance(module, torch.nn.Module) and not isinstance(module, torch.jit.ScriptModule)
     assert isinstance(inputs, (tuple, list))
 
-    entries = []
-    nesting = [0]
+    entries, nesting = [], [0]
     def pre_hook(_mod, _inputs):
         nesting[0] += 1
     def post_hook(mod, _inputs, outputs):
@@ -213,13 +166,11 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
         e.unique_buffers = [t for t in e.mod.buffers() if id(t) not in tensors_seen]
         e.unique_outputs = [t for t in e.outputs if id(t) not in tensors_seen]
         tensors_seen |= {id(t) for t in e.unique_params + e.unique_buffers + e.unique_outputs}
-    if skip_redundant:
-        entries = [e for e in entries if len(e.unique_params) or len(e.unique_buffers) or len(e.unique_outputs)]
+    entries = [e for e in entries if e.unique_params or e.unique_buffers or e.unique_outputs]
 
     names = {mod: name for name, mod in module.named_modules()}
     rows = [[type(module).__name__, 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
-    param_total = 0
-    buffer_total = 0
+    param_total = buffer_total = 0
     for e in entries:
         name = '<top-level>' if e.mod is module else names[e.mod]
         param_size = sum(t.numel() for t in e.unique_params)
@@ -238,7 +189,7 @@ def print_module_summary(module, inputs, max_nesting=3, skip_redundant=True):
     widths = [max(len(cell) for cell in column) for column in zip(*rows)]
     print()
     for row in rows:
-        print('  '.join(cell + ' ' * (width - len(cell)) for cell, width in zip(row, widths)))
+        print('  '.join(cell.ljust(width) for cell, width in zip(row, widths)))
     print()
     return outputs
 

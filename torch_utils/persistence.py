@@ -1,5 +1,5 @@
 """Pickles that carry the source code of their classes, in EDM's and EDM2's format: an instance pickles as
-`_reconstruct_persistent_obj(meta)`, meta = dict(type='class', version=6, module_src, class_name, state)."""
+`_reconstruct_persistent_obj(meta)`, meta holding the module's source, the class name and the state."""
 
 import copy
 import inspect
@@ -13,7 +13,7 @@ import dnnlib
 
 _version            = 6         # Written into every pickle.
 _decorators         = set()
-_import_hooks       = []        # Callables applied to `meta` before loading.
+_import_hooks       = []
 _module_to_src_dict = dict()
 _src_to_module_dict = dict()
 

@@ -35,10 +35,7 @@ def report(name, value, mask=None):
         finite = finite & torch.as_tensor(mask, device=elems.device).flatten().to(torch.bool)
     elems = torch.where(finite, elems, 0)
     moments = torch.stack([finite.to(_counter_dtype).sum(), elems.sum(), elems.square().sum()])
-    if moments.device in counters:
-        counters[moments.device].add_(moments)
-    else:
-        counters[moments.device] = moments
+    counters[moments.device] = counters[moments.device].add_(moments) if moments.device in counters else moments
     return value
 
 def masked_quantiles(values, mask, qs):

@@ -128,16 +128,8 @@ class Dataset(torch.utils.data.Dataset):
         return height
 
     @property
-    def label_shape(self):
-        return [0] if self._onehot is None else list(self._onehot.shape[1:])
-
-    @property
     def label_dim(self):
-        return self.label_shape[0]
-
-    @property
-    def has_labels(self):
-        return self.label_dim != 0
+        return 0 if self._onehot is None else self._onehot.shape[1]
 
 #----------------------------------------------------------------------------
 # Images in a folder or a zip archive, labels in an optional dataset.json.

@@ -65,14 +65,7 @@ class PatchEmbed(torch.nn.Module):
 #----------------------------------------------------------------------------
 
 class VisionTransformer(torch.nn.Module):
-    def __init__(self,
-        embed_dim   = 1024,     # ViT-L.
-        depth       = 24,       # Blocks.
-        num_heads   = 16,
-        hidden_dim  = 4096,     # Of the MLP.
-        patch_size  = 14,       # Pixels per patch side.
-        grid_size   = 37,       # Of the stored position embedding (518 / 14).
-    ):
+    def __init__(self, embed_dim, depth, num_heads, hidden_dim, patch_size, grid_size):
         super().__init__()
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(patch_size, embed_dim)
@@ -107,8 +100,7 @@ def from_state_dict(state, name='DINOv2'):
     """The VisionTransformer of a published DINOv2 state dict, in evaluation mode."""
     try:
         dim = state['cls_token'].shape[-1]
-        blocks = [re.fullmatch(r'blocks\.(\d+)\.norm1\.weight', key) for key in state]
-        depth = len({int(m.group(1)) for m in blocks if m})
+        depth = sum(re.fullmatch(r'blocks\.\d+\.norm1\.weight', key) is not None for key in state)
         net = VisionTransformer(embed_dim=dim, depth=depth, num_heads=dim // HEAD_DIM,
             hidden_dim=state['blocks.0.mlp.fc1.weight'].shape[0], patch_size=state['patch_embed.proj.weight'].shape[-1],
             grid_size=int(round((state['pos_embed'].shape[1] - 1) ** 0.5)))

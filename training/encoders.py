@@ -61,10 +61,10 @@ class StabilityVAEEncoder(Encoder):
 
     def __init__(self,
         vae_name    = VAE_NAME, # Hub name or local folder of a diffusers AutoencoderKL.
-        raw_mean    = RAW_MEAN, # Assumed mean of the raw latents, per channel.
-        raw_std     = RAW_STD,  # Assumed std of the raw latents, per channel.
-        final_mean  = 0,        # Mean of the final latents.
-        final_std   = 0.5,      # Std of the final latents.
+        raw_mean    = RAW_MEAN,
+        raw_std     = RAW_STD,
+        final_mean  = 0,
+        final_std   = 0.5,
         batch_size  = 8,        # Images per VAE call.
     ):
         super().__init__()
@@ -127,8 +127,8 @@ def is_latent(encoder):
     return encoder is not None and type(encoder).__name__ != 'StandardRGBEncoder'
 
 def load_vae(
-    vae_name    = VAE_NAME, # Hub name or local folder of a diffusers AutoencoderKL.
-    device      = 'cpu',    # Device to move it to.
+    vae_name    = VAE_NAME, # As in StabilityVAEEncoder.
+    device      = 'cpu',
     cache_dir   = None,     # Download cache, None = dnnlib's 'diffusers' folder.
 ):
     """A diffusers AutoencoderKL in eval mode: from a local folder, the download cache, or the hub."""

@@ -1,4 +1,4 @@
-"""EDM2's guidance: D_g + w (D - D_g) of a network D and an unconditional or weaker guide D_g; w = 1 is D alone."""
+"""EDM2's guidance: D_g + w (D - D_g) of a network D and an unconditional or weaker guide D_g."""
 
 import torch
 
@@ -60,12 +60,12 @@ def guided(net, gnet=None, guidance=None, gnet_name=None):
     assert (gnet is None) == (guidance is None)
     return net if gnet is None else GuidedDenoiser(net, gnet, guidance, gnet_name=gnet_name)
 
-def _guided(net): # The GuidedDenoiser in `net` (or in a precision.Teacher), else None.
+def _guided(net): # The GuidedDenoiser of `net`, also inside a precision.Teacher, else None.
     net = net.net if isinstance(net, precision.Teacher) else net
     return net if isinstance(net, GuidedDenoiser) else None
 
 def unwrap(net):
-    """The guided network of a GuidedDenoiser (also inside a precision.Teacher), else `net` itself."""
+    """The network that `net`'s GuidedDenoiser guides, else `net` itself."""
     return net if _guided(net) is None else _guided(net).net
 
 def describe(net):

@@ -2,6 +2,7 @@
 (EDM's .npz, EDM2's pickles), the Fréchet distance, precision and recall, and agreement with reference images."""
 
 import io
+import itertools
 import math
 import os
 import pickle
@@ -30,30 +31,24 @@ PR_NAME = 'pr' # Precision and recall.
 
 class PixelDetector(torch.nn.Module):
     """Pixels in [-1, 1], average-pooled by halving H and W until C*H*W <= max_dim, flattened."""
-
-    def __init__(self, max_dim=1024):
-        super().__init__()
-        self.max_dim = int(max_dim)
+    max_dim = 1024
 
     def forward(self, images, return_features=True):
         x = images.to(torch.float64) / 127.5 - 1
         c, h, w = x.shape[1:]
         while c * h * w > self.max_dim and (h > 1 or w > 1):
             h, w = (h + 1) // 2, (w + 1) // 2
-        if (h, w) != tuple(x.shape[2:]):
-            x = torch.nn.functional.adaptive_avg_pool2d(x, (h, w))
-        return x.flatten(1)
+        return torch.nn.functional.adaptive_avg_pool2d(x, (h, w)).flatten(1)
 
 class DINOv2Detector(torch.nn.Module):
     """DINOv2 as EDM2 uses it: antialiased bicubic resize to 224x224, ImageNet normalization, the class token."""
 
-    def __init__(self, vit, resolution=224):
+    def __init__(self, vit):
         super().__init__()
-        self.vit, self.resolution = vit, int(resolution)
+        self.vit = vit
 
     def preprocess(self, images):
-        size = (self.resolution, self.resolution)
-        x = torch.nn.functional.interpolate(images.to(torch.float32), size=size, mode='bicubic', antialias=True)
+        x = torch.nn.functional.interpolate(images.to(torch.float32), size=(224, 224), mode='bicubic', antialias=True)
         mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).reshape(1, -1, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225], device=x.device).reshape(1, -1, 1, 1)
         return (x / 255 - mean) / std
@@ -64,11 +59,7 @@ class DINOv2Detector(torch.nn.Module):
 class Detector:
     """A named feature network: uint8 images [N, C, H, W] -> float64 features [N, D]."""
 
-    def __init__(self,
-        name,       # 'inception', 'dinov2', 'pixels', or a pickle's path/URL.
-        net,        # net(uint8 images, return_features=True).
-        device,     # Device of the images.
-    ):
+    def __init__(self, name, net, device): # Called as net(uint8 images on device, return_features=True).
         self.name, self.net, self.device = name, net, torch.device(device)
         self.is_pixels = name == PIXELS_NAME
         self.key = METRIC_KEYS.get(name, 'fid') # A pickled network stands in for Inception-v3.
@@ -83,9 +74,8 @@ class Detector:
                 'pass a detector made for such images.') from err
 
     def __call__(self, images):
-        images = torch.as_tensor(images)
+        images = torch.as_tensor(images).to(self.device)
         assert images.dtype == torch.uint8 and images.ndim == 4
-        images = images.to(self.device)
         if images.shape[1] == 1 and not self.is_pixels:
             images = images.repeat([1, 3, 1, 1])
         with torch.no_grad():
@@ -252,10 +242,9 @@ def compute_feature_stats(
     if isinstance(images, (torch.Tensor, np.ndarray)):
         images = torch.as_tensor(images)
         images = [images[start : start + batch_size] for start in range(0, images.shape[0], batch_size)]
-    rows = iter(batch_rows) if batch_rows is not None else None
-    for batch in tqdm.tqdm(images, total=total, unit='batch', disable=(not progress)):
+    rows = batch_rows if batch_rows is not None else itertools.repeat(None)
+    for batch, rows_of_batch in zip(tqdm.tqdm(images, total=total, unit='batch', disable=(not progress)), rows):
         batch = torch.as_tensor(batch[0] if isinstance(batch, (tuple, list)) else batch)
-        rows_of_batch = next(rows) if rows is not None else None
         if batch.shape[0] > 0:
             for det, det_stats in zip(detectors, stats):
                 det_stats.append(det(batch), rows_of_batch)
@@ -263,13 +252,8 @@ def compute_feature_stats(
         det_stats.all_reduce()
     return stats if isinstance(detector, (list, tuple)) else stats[0]
 
-def open_image_dataset(
-    path,                   # Folder or zip.
-    num         = None,     # None = all.
-    seed        = 0,        # Of the random subset.
-    kind        = 'images', # Not the latents saved beside them.
-):
-    """An ImageFolderDataset of exactly `num` images (all if None), its headers checked."""
+def open_image_dataset(path, num=None, seed=0, kind='images'):
+    """An ImageFolderDataset of exactly `num` images (all if None; else a random subset by `seed`), headers checked."""
     images = dataset.ImageFolderDataset(path=path, kind=kind, max_size=num, random_seed=seed)
     images.check_headers()
     if num is not None and len(images) < num:
@@ -293,7 +277,7 @@ def compute_dataset_stats(
     batches = [indices[i : i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
     loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=num_workers)
     keep_rows = None if keep_num is None else subsample(np.arange(len(images)), keep_num, seed=keep_seed)
-    return compute_feature_stats(loader, detector, all_reduce=True, progress=progress, total=len(batches),
+    return compute_feature_stats(loader, detector, progress=progress, total=len(batches),
         keep_rows=keep_rows, batch_rows=batches)
 
 #----------------------------------------------------------------------------

@@ -22,8 +22,7 @@ def weight_init(shape, mode, fan_in, fan_out):
 class Linear(torch.nn.Module):
     def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features, self.out_features = in_features, out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
         self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
         self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
@@ -42,11 +41,8 @@ class Conv2d(torch.nn.Module):
         fused_resample=False, init_mode='kaiming_normal', init_weight=1, init_bias=0):
         assert not (up and down)
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         w = weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight if kernel else None
         self.weight = torch.nn.Parameter(w) if kernel else None
@@ -106,7 +102,7 @@ def attention(q, k, v):
 class UNetBlock(torch.nn.Module):
     def __init__(self,
         in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
-        num_heads         = None,   # None = out_channels // channels_per_head.
+        num_heads         = None,
         channels_per_head = 64,
         dropout           = 0,
         skip_scale        = 1,      # Multiplier after each residual sum.
@@ -120,13 +116,9 @@ class UNetBlock(torch.nn.Module):
     ):
         assert not (up and down)
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.emb_channels = emb_channels
+        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
         self.num_heads = (out_channels // channels_per_head if num_heads is None else num_heads) if attention else 0
-        self.dropout = dropout
-        self.skip_scale = skip_scale
-        self.adaptive_scale = adaptive_scale
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         resample = dict(up=up, down=down, resample_filter=resample_filter)
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
@@ -174,15 +166,12 @@ class UNetBlock(torch.nn.Module):
 class PositionalEmbedding(torch.nn.Module):
     def __init__(self, num_channels, max_positions=10000, endpoint=False):
         super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x):
         half = self.num_channels // 2
         freqs = torch.arange(start=0, end=half, dtype=torch.float32, device=x.device)
-        freqs = freqs / (half - (1 if self.endpoint else 0))
-        freqs = (1 / self.max_positions) ** freqs
+        freqs = (1 / self.max_positions) ** (freqs / (half - (1 if self.endpoint else 0)))
         x = x.ger(freqs.to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
 
@@ -198,9 +187,9 @@ class FourierEmbedding(torch.nn.Module):
 
 #----------------------------------------------------------------------------
 
-def _drop_labels(class_labels, label_dropout, training, batch_size, device):
-    if training and label_dropout:
-        keep = torch.rand([batch_size, 1], device=device) >= label_dropout
+def _drop_labels(net, class_labels, x):
+    if net.training and net.label_dropout:
+        keep = torch.rand([x.shape[0], 1], device=x.device) >= net.label_dropout
         class_labels = class_labels * keep.to(class_labels.dtype)
     return class_labels
 
@@ -250,8 +239,7 @@ class SongUNet(torch.nn.Module):
 
         # Encoder. Entries named *aux* act on the auxiliary image pyramid.
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
+        cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -298,7 +286,7 @@ class SongUNet(torch.nn.Module):
         cos, sin = self.map_noise(noise_labels).chunk(2, dim=1)
         emb = torch.cat([sin, cos], dim=1)
         if self.map_label is not None:
-            labels = _drop_labels(class_labels, self.label_dropout, self.training, x.shape[0], x.device)
+            labels = _drop_labels(self, class_labels, x)
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -306,8 +294,7 @@ class SongUNet(torch.nn.Module):
         emb = silu(self.map_layer1(emb))
 
         # Encoder.
-        skips = []
-        aux = x
+        skips, aux = [], x
         for name, block in self.enc.items():
             if 'aux_down' in name:
                 aux = block(aux)
@@ -320,8 +307,7 @@ class SongUNet(torch.nn.Module):
                 skips.append(x)
 
         # Decoder. The output accumulates the aux_conv heads.
-        out = None
-        head = None
+        out = head = None
         for name, block in self.dec.items():
             if 'aux_up' in name:
                 out = block(out)
@@ -342,15 +328,15 @@ class DhariwalUNet(torch.nn.Module):
 
     def __init__(self,
         img_resolution, in_channels, out_channels,
-        label_dim        = 0,         # Number of classes; 0 = unconditional.
-        augment_dim      = 0,         # Dimensionality of augment_labels; 0 = none.
-        model_channels   = 192,       # Base channel count.
-        channel_mult     = [1,2,3,4], # Per resolution level.
-        channel_mult_emb = 4,         # Embedding width / model_channels.
-        num_blocks       = 3,         # Per resolution level.
+        label_dim        = 0,         # As in SongUNet.
+        augment_dim      = 0,
+        model_channels   = 192,
+        channel_mult     = [1,2,3,4],
+        channel_mult_emb = 4,
+        num_blocks       = 3,
         attn_resolutions = [32,16,8],
         dropout          = 0.10,
-        label_dropout    = 0,         # Probability of dropping the class label in training.
+        label_dropout    = 0,
     ):
         super().__init__()
         self.label_dropout = label_dropout
@@ -408,7 +394,7 @@ class DhariwalUNet(torch.nn.Module):
         emb = silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if self.map_label is not None:
-            labels = _drop_labels(class_labels, self.label_dropout, self.training, x.shape[0], x.device)
+            labels = _drop_labels(self, class_labels, x)
             emb = emb + self.map_label(labels)
         emb = silu(emb)
 
@@ -431,9 +417,7 @@ class DhariwalUNet(torch.nn.Module):
 class _Precond(torch.nn.Module):
     def __init__(self, img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16 = use_fp16
         assert model_type in ('SongUNet', 'DhariwalUNet')
         self.model = globals()[model_type](img_resolution=img_resolution, in_channels=img_channels,
@@ -474,12 +458,8 @@ class VPPrecond(_Precond):
         **model_kwargs,          # Of the U-Net.
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.M = M
-        self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, device='cpu')))
-        self.sigma_max = float(self.sigma(torch.tensor(1.0, device='cpu')))
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        self.sigma_min, self.sigma_max = float(self.sigma(epsilon_t)), float(self.sigma(1.0))
 
     def coefficients(self, sigma):
         return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
@@ -498,16 +478,15 @@ class VEPrecond(_Precond):
 
     def __init__(self,
         img_resolution, img_channels,
-        label_dim  = 0,          # Number of classes; 0 = unconditional.
-        use_fp16   = False,      # U-Net in float16 (CUDA only)?
+        label_dim  = 0,          # As in VPPrecond.
+        use_fp16   = False,
         sigma_min  = 0.02,
         sigma_max  = 100,
-        model_type = 'SongUNet', # 'SongUNet' or 'DhariwalUNet'.
-        **model_kwargs,          # Of the U-Net.
+        model_type = 'SongUNet',
+        **model_kwargs,
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def coefficients(self, sigma):
         return 1, sigma, 1, (0.5 * sigma).log()
@@ -518,18 +497,16 @@ class EDMPrecond(_Precond):
 
     def __init__(self,
         img_resolution, img_channels,
-        label_dim  = 0,              # Number of classes; 0 = unconditional.
-        use_fp16   = False,          # U-Net in float16 (CUDA only)?
+        label_dim  = 0,              # As in VPPrecond.
+        use_fp16   = False,
         sigma_min  = 0,
         sigma_max  = float('inf'),
         sigma_data = 0.5,            # Standard deviation of the training data.
-        model_type = 'DhariwalUNet', # 'SongUNet' or 'DhariwalUNet'.
-        **model_kwargs,              # Of the U-Net.
+        model_type = 'DhariwalUNet',
+        **model_kwargs,
     ):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.sigma_data = sigma_data
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
 
     def coefficients(self, sigma):
         sd = self.sigma_data

@@ -42,8 +42,7 @@ def mp_sum(a, b, t=0.5):
     return a.lerp(b, t) / np.sqrt((1 - t) ** 2 + t ** 2)
 
 def mp_cat(a, b, dim=1, t=0.5):
-    Na = a.shape[dim]
-    Nb = b.shape[dim]
+    Na, Nb = a.shape[dim], b.shape[dim]
     C = np.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
     return torch.cat([a * (C / np.sqrt(Na) * (1 - t)), b * (C / np.sqrt(Nb) * t)], dim=dim)
 
@@ -100,15 +99,10 @@ class Block(torch.nn.Module):
     ):
         assert flavor in ('enc', 'dec') and resample_mode in ('keep', 'up', 'down')
         super().__init__()
-        self.out_channels = out_channels
-        self.flavor = flavor
-        self.resample_filter = resample_filter
-        self.resample_mode = resample_mode
+        self.out_channels, self.flavor, self.dropout = out_channels, flavor, dropout
+        self.resample_filter, self.resample_mode = resample_filter, resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
-        self.dropout = dropout
-        self.res_balance = res_balance
-        self.attn_balance = attn_balance
-        self.clip_act = clip_act
+        self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, kernel=[3,3])
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
@@ -167,8 +161,7 @@ class UNet(torch.nn.Module):
         cblock = [model_channels * mult for mult in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
-        self.label_balance = label_balance
-        self.concat_balance = concat_balance
+        self.label_balance, self.concat_balance = label_balance, concat_balance
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
 
         # Embedding.
@@ -234,18 +227,15 @@ class Precond(torch.nn.Module):
 
     def __init__(self,
         img_resolution, img_channels,
-        label_dim,              # Number of class labels; 0 = unconditional.
+        label_dim,              # As in UNet.
         use_fp16        = True, # U-Net in float16 (CUDA only)?
         sigma_data      = 0.5,  # Standard deviation of the training data.
         logvar_channels = 128,  # Fourier features of the uncertainty estimate.
         **unet_kwargs,          # Of UNet.
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.sigma_data = sigma_data
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16, self.sigma_data = use_fp16, sigma_data
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
             **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)

@@ -46,20 +46,11 @@ class PowerFunctionEMA:
     """Power-function EMAs of the parameters of `net`, one copy of the network per sigma_rel."""
 
     @torch.no_grad()
-    def __init__(self,
-        net,                        # The network being trained.
-        stds    = [0.050, 0.100],   # sigma_rel of the tracked profiles.
-    ):
+    def __init__(self, net, stds): # The network being trained, sigma_rel of the tracked profiles.
         check_stds(stds)
         self.net = net
         self.stds = list(stds)
         self.emas = [copy.deepcopy(net) for _std in self.stds]
-
-    @torch.no_grad()
-    def reset(self):
-        for ema in self.emas:
-            for p_net, p_ema in zip(self.net.parameters(), ema.parameters()):
-                p_ema.copy_(p_net)
 
     @torch.no_grad()
     def update(self, cur_nimg, batch_size):

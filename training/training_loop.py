@@ -1,5 +1,5 @@
-"""The training loop of EDM and EDM2 and of the losses that plug into it, on one process or the ranks of torchrun;
-it trains on what training/preflight.py read and checked (docs/architecture.md)."""
+"""The training loop of EDM, EDM2 and the losses that plug into it, on one process or torchrun's ranks; it trains
+on what training/preflight.py read and checked (docs/architecture.md)."""
 
 import copy
 import inspect
@@ -39,12 +39,10 @@ def set_rng_states(states, device):
     if device.type == 'cuda':
         torch.cuda.set_rng_state(states['cuda'], device)
 
-#----------------------------------------------------------------------------
-
 class TrainingStopped(Exception):
     """The run stopped for a reason the user can act on."""
 
-PROBE_SIGMAS = (0.002, 0.01, 0.1, 1, 10, 80) # Noise levels of the finite-output check before saving.
+PROBE_SIGMAS = (0.002, 0.01, 0.1, 1, 10, 80) # The finite-output check's noise levels.
 
 def _check_finite(modules, cur_tick, cur_nimg, fix):
     """TrainingStopped unless every module has finite weights and outputs on a fixed probe batch (eval mode)."""
@@ -116,7 +114,7 @@ def training_loop(
     val_at_start        = False,
     wandb_run           = None,     # Rank 0 only.
     device              = None,     # None = CUDA when available.
-    inputs              = None,     # What preflight.setup() returned for these arguments.
+    inputs              = None,
 ):
     """Train on what preflight.setup() returned for the same keywords."""
     loop_kwargs = dict(locals())
@@ -181,7 +179,7 @@ def training_loop(
     for module in ([] if pf_ema is None else pf_ema.emas):
         module.eval().requires_grad_(False)
 
-    # Training state; the generators come last, after everything that draws from them.
+    # Training state; the generators last, after all that draws from them.
     if state is not None:
         dist.print0(f'Continuing from the training state "{inputs.resume_state_dump}"...')
         checkpoint.restore_training_state(state, net=net, ema=ema, pf_ema=pf_ema, optimizer=optimizer, loss_fn=loss_fn)
@@ -198,8 +196,7 @@ def training_loop(
 
     # Snapshots and training states; validation sees the EMA, else the first profile.
     eval_net = ema if ema is not None else pf_ema.emas[0] if pf_ema is not None else net
-    def save_snapshot(file_name, snapshot_net=None):
-        snapshot_net = eval_net if snapshot_net is None else snapshot_net
+    def save_snapshot(file_name, snapshot_net=eval_net):
         _check_finite([snapshot_net], cur_tick, cur_nimg, fix())
         extras = snapshot_extras(net=net, ema=snapshot_net, loss_fn=loss_fn, cur_nimg=cur_nimg) \
             if callable(snapshot_extras) else snapshot_extras
@@ -232,7 +229,7 @@ def training_loop(
         finally:
             set_rng_states(rng_states, device)
         media = dict()
-        for name, value in dict(figures or {}).items():
+        for name, value in (figures or {}).items():
             scalar = value.numel() == 1 if isinstance(value, torch.Tensor) else \
                 isinstance(value, (bool, int, float, np.number)) or (isinstance(value, np.ndarray) and value.size == 1)
             if scalar:
@@ -241,7 +238,7 @@ def training_loop(
                 media[f'Validation/{name}'] = value
         return media
 
-    stats_collector = training_stats.Collector(regex='.*', keep_previous=False)
+    stats_collector = training_stats.Collector(keep_previous=False)
     stats_jsonl, wandb_media = None, dict()
     if validation_fn is not None and val_at_start:
         dist.print0('Validating before the first step...')
@@ -297,22 +294,17 @@ def training_loop(
         tick_end_time = time.time()
         tick_sec = tick_end_time - tick_start_time
         gib = lambda fn: fn(device) / 2**30 if device.type == 'cuda' else 0
-        sec_per_kimg = tick_sec / (cur_nimg - tick_start_nimg) * 1e3
-        progress = [ # (label, statistic, value, format)
-            ('tick',        'Progress/tick',                      cur_tick,                                   '<5d'),
-            ('kimg',        'Progress/kimg',                      cur_nimg / 1e3,                             '<9.1f'),
-            ('time',        'Timing/total_sec',                   tick_end_time - start_time,                 'time'),
-            ('sec/tick',    'Timing/sec_per_tick',                tick_sec,                                   '<7.1f'),
-            ('sec/kimg',    'Timing/sec_per_kimg',                sec_per_kimg,                               '<7.2f'),
-            ('maintenance', 'Timing/maintenance_sec',             maintenance_time,                           '<6.1f'),
-            ('cpumem',      'Resources/cpu_mem_gb',               psutil.Process().memory_info().rss / 2**30, '<6.2f'),
-            ('gpumem',      'Resources/peak_gpu_mem_gb',          gib(torch.cuda.max_memory_allocated),       '<6.2f'),
-            ('reserved',    'Resources/peak_gpu_mem_reserved_gb', gib(torch.cuda.max_memory_reserved),        '<6.2f'),
-        ]
-        for _label, name, value, _fmt in progress:
-            training_stats.report0(name, value)
-        dist.print0(' '.join(f'{label} {dnnlib.util.format_time(value):<12s}' if fmt == 'time' else
-            f'{label} {value:{fmt}}' for label, _name, value, fmt in progress))
+        report0 = training_stats.report0
+        dist.print0(' '.join([
+            f"tick {report0('Progress/tick', cur_tick):<5d}",
+            f"kimg {report0('Progress/kimg', cur_nimg / 1e3):<9.1f}",
+            f"time {dnnlib.util.format_time(report0('Timing/total_sec', tick_end_time - start_time)):<12s}",
+            f"sec/tick {report0('Timing/sec_per_tick', tick_sec):<7.1f}",
+            f"sec/kimg {report0('Timing/sec_per_kimg', tick_sec / (cur_nimg - tick_start_nimg) * 1e3):<7.2f}",
+            f"maintenance {report0('Timing/maintenance_sec', maintenance_time):<6.1f}",
+            f"cpumem {report0('Resources/cpu_mem_gb', psutil.Process().memory_info().rss / 2**30):<6.2f}",
+            f"gpumem {report0('Resources/peak_gpu_mem_gb', gib(torch.cuda.max_memory_allocated)):<6.2f}",
+            f"reserved {report0('Resources/peak_gpu_mem_reserved_gb', gib(torch.cuda.max_memory_reserved)):<6.2f}"]))
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
 

@@ -1,6 +1,5 @@
-"""In-training validation: the Fréchet distance of the network's samples, once per run that of the teacher,
-and the teacher agreement of a consistency student (rules in docs/evaluation.md). `validate` is the training
-loop's `validation_fn`; `check_options` checks its options before training starts."""
+"""In-training validation, the training loop's `validation_fn`: the Fréchet distance of the network's samples, once
+per run that of the teacher, and a consistency student's agreement with its teacher (docs/evaluation.md)."""
 
 import glob
 import hashlib
@@ -23,42 +22,40 @@ from training import metrics
 from training import precision
 from training import samplers
 
-HISTORY_FILE    = 'metrics-val.jsonl'           # One JSON line per validation, in the run directory.
-BEST_SNAPSHOT   = 'network-snapshot-best.pkl'   # The snapshot with the lowest Fréchet distance so far.
+HISTORY_FILE = 'metrics-val.jsonl'          # One JSON line per validation, in the run directory.
+BEST_SNAPSHOT = 'network-snapshot-best.pkl' # The snapshot with the lowest Fréchet distance so far.
 
 #----------------------------------------------------------------------------
 # Options.
 
-def _parse_options(num, seed, batch, ref, ref_data, detector, teacher, agree_num, heun_steps, grid_num, save_best,
-        workers, resume_dir):
-    """The options as an EasyDict; a ValueError names the first bad one."""
-    for name, value, low in [('num', num, 0), ('seed', seed, 0), ('batch', batch, 1), ('agree_num', agree_num, 0),
-            ('heun_steps', heun_steps, 1), ('grid_num', grid_num, 0), ('workers', workers, 0)]:
+def _parse_options(**kwargs):
+    """`validate`'s options in `kwargs`, defaults filled in, as an EasyDict; a ValueError names the first bad one."""
+    params = [p for p in inspect.signature(validate).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    opts = dnnlib.EasyDict({p.name: kwargs.get(p.name, p.default) for p in params})
+    for name, low in dict(num=0, seed=0, batch=1, agree_num=0, heun_steps=1, grid_num=0, workers=0).items():
+        value = opts[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f'Validation option {name}={value!r} is invalid; pass a whole number of at least {low}.')
-    if num == 1:
+        opts[name] = int(value)
+    if opts.num == 1:
         raise ValueError('Validation option num=1 is too small for feature statistics; '
             'pass num >= 2, or num=0 to skip the Fréchet distance.')
-    if num == 0 and agree_num == 0:
+    if opts.num == 0 and opts.agree_num == 0:
         raise ValueError('Validation with num=0 and agree_num=0 computes nothing; pass a positive num (Fréchet '
             'distance) or agree_num (teacher agreement), or turn validation off.')
-    if ref is not None and ref_data is not None:
-        raise ValueError(f'Validation got both ref="{ref}" and ref_data="{ref_data}"; '
+    if opts.ref is not None and opts.ref_data is not None:
+        raise ValueError(f'Validation got both ref="{opts.ref}" and ref_data="{opts.ref_data}"; '
             'pass only one source of reference statistics.')
-    if num > 0 and ref is None and ref_data is None:
-        raise ValueError(f'Validation with num={num} needs reference statistics; pass a statistics file or URL (ref) '
-            'or the dataset to compute them from (ref_data), or num=0 for the teacher agreement alone.')
-    detector = metrics.detector_name(metrics.INCEPTION_NAME if detector is None else detector)
-    return dnnlib.EasyDict(num=int(num), seed=int(seed), batch=int(batch), ref=ref, ref_data=ref_data,
-        detector=detector, teacher=bool(teacher), agree_num=int(agree_num), heun_steps=int(heun_steps),
-        grid_num=int(grid_num), save_best=bool(save_best), workers=int(workers), resume_dir=resume_dir)
+    if opts.num > 0 and opts.ref is None and opts.ref_data is None:
+        raise ValueError(f'Validation with num={opts.num} needs reference statistics; pass a statistics file or URL '
+            '(ref) or the dataset to compute them from (ref_data), or num=0 for the teacher agreement alone.')
+    opts.detector = metrics.detector_name(metrics.INCEPTION_NAME if opts.detector is None else opts.detector)
+    opts.teacher, opts.save_best = bool(opts.teacher), bool(opts.save_best)
+    return opts
 
-def check_options(image_shape, device='cpu', func_name=None, **kwargs):
-    """Check the options of `validate` for images [C, H, W] before training, on all ranks (ValueError): load the
-    detector and the reference statistics, or open the dataset. `func_name` is ignored."""
-    del func_name
-    params = inspect.signature(validate).parameters.values()
-    opts = _parse_options(**{**{p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY}, **kwargs})
+def check_options(image_shape, device='cpu', **kwargs):
+    """Check `validate`'s options for images [C, H, W] on all ranks before training (ValueError)."""
+    opts = _parse_options(**kwargs)
     if opts.num > 0:
         det = metrics.load_detector(opts.detector, device=device)
         dim = det.feature_dim(image_shape)
@@ -76,13 +73,13 @@ def _run_dirs(run_dir, resume_dir):
     return dirs
 
 def read_history(run_dir, resume_dir=None):
-    """The entries of metrics-val.jsonl of `resume_dir`, then of `run_dir`; a line cut short by a crash is skipped."""
+    """The entries of HISTORY_FILE of `resume_dir`, then of `run_dir`; a line cut short by a crash is skipped."""
     lines = []
     for folder in _run_dirs(run_dir, resume_dir):
         path = os.path.join(folder, HISTORY_FILE)
         if not os.path.isfile(path):
             continue
-        with open(path, 'rt', encoding='utf-8') as f:
+        with open(path, encoding='utf-8') as f:
             for line in f:
                 try:
                     entry = json.loads(line)
@@ -103,7 +100,7 @@ def _summarize_history(history):
     return dict(best=best, names=sorted(names))
 
 def _append_history(run_dir, entry):
-    """Append one line to metrics-val.jsonl in one flushed write, first ending a line cut short by a crash."""
+    """Append one line to HISTORY_FILE in one flushed write, first ending a line cut short by a crash."""
     text = json.dumps(entry) + '\n'
     with open(os.path.join(run_dir, HISTORY_FILE), 'a+b') as f:
         if f.seek(0, os.SEEK_END) > 0:
@@ -120,8 +117,7 @@ def ref_file_name(detector, ref_data):
     return f'val-ref-{tag.strip("_") or "detector"}-{digest}.npz'
 
 def heun_file_name(net, device, seed=0, heun_steps=18, clip=True):
-    """File name of `net`'s Heun images of the validation seeds from `seed` (save_heun_images), keyed by the
-    network's class, weights, guidance and precision, the device type and the sampler settings."""
+    """File name of `net`'s Heun images of the seeds from `seed` (save_heun_images), keyed by all they depend on."""
     inner = net.net if isinstance(net, precision.Teacher) else net
     mode = precision.autocast_dtype(inner, net.precision, device) if inner is not net else None
     key = (f'{type(inner).__name__} {checkpoint.tensor_digest(inner)} {guidance.describe(inner)} '
@@ -129,18 +125,17 @@ def heun_file_name(net, device, seed=0, heun_steps=18, clip=True):
     return f'val-heun-{hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]}.npz'
 
 def save_heun_images(run_dir, net, images, batch, device, seed=0, heun_steps=18, clip=True):
-    """Keep Heun images of `net` (float64; image i of seed seed + i, sampled in blocks of `batch` from i = 0) in
-    `run_dir`, where validation in blocks of `batch` reads them instead of sampling the teacher."""
+    """Save `net`'s Heun images (float64, image i of seed seed + i, sampled in blocks of `batch`) for validation."""
     blocks = {f'{i * batch}_{len(block)}': block.cpu().numpy() for i, block in enumerate(images.split(batch))}
     path = os.path.join(run_dir, heun_file_name(net, device, seed=seed, heun_steps=heun_steps, clip=clip))
     dnnlib.util.write_atomic(path, lambda f: np.savez(f, **blocks))
 
-def _kept_heun_images(net, opts, device, run_dir):
+def _kept_heun_images(net, opts, run_dir):
     """The images that save_heun_images kept of `net` in the run directories, {'<first>_<count>': array}."""
     def find():
         for folder in reversed(_run_dirs(run_dir, opts.resume_dir)):
             if glob.glob(os.path.join(folder, 'val-heun-*.npz')): # Only then the weights' digest.
-                path = os.path.join(folder, heun_file_name(net, device, opts.seed, opts.heun_steps, opts.clip))
+                path = os.path.join(folder, heun_file_name(net, opts.device, opts.seed, opts.heun_steps, opts.clip))
                 if os.path.isfile(path):
                     return path
         return None
@@ -193,11 +188,9 @@ def _reference(opts, det, dim, image_shape, run_dir):
     dist.print0(f'Validation: reference statistics of {len(images)} images from "{opts.ref_data}" '
         f'with detector "{det.name}"...')
     mu, sigma = metrics.compute_dataset_stats(images, det, batch_size=opts.batch, num_workers=opts.workers).mean_cov()
-    if dist.get_rank() != 0:
-        return None
-    if run_dir is not None:
+    if run_dir is not None and dist.get_rank() == 0:
         metrics.save_ref_stats(os.path.join(run_dir, file_name), mu, sigma, detector=det.name)
-    return mu, sigma
+    return (mu, sigma) if dist.get_rank() == 0 else None
 
 #----------------------------------------------------------------------------
 # Sampling.
@@ -206,36 +199,32 @@ def _batches(indices, batch):
     return [indices[i : i + batch] for i in range(0, len(indices), batch)]
 
 def _rank_batches(total, batch):
-    """This rank's share of the blocks of `batch` consecutive indices 0 .. total - 1, dealt to the ranks in turn."""
+    """This rank's share of the blocks of `batch` indices of 0 .. total - 1, dealt to the ranks in turn."""
     return _batches(list(range(total)), batch)[dist.get_rank() :: dist.get_world_size()]
 
-def _generate(net, indices, opts, device, sample_fn, **sample_kwargs):
+def _generate(net, indices, opts, sample_fn, **sample_kwargs):
     """Images of the indices (seeds seed + i, class i % label_dim), float64 [N, C, H, W], clipped unless latent."""
-    seeds = [opts.seed + i for i in indices]
-    return samplers.generate_images(net, seeds, device, sample_fn, classes=indices, clip=opts.clip, **sample_kwargs)
+    return samplers.generate_images(net, [opts.seed + i for i in indices], opts.device, sample_fn, classes=indices,
+        clip=opts.clip, **sample_kwargs)
 
-def _teacher_heun(teacher, chunk, opts, device, kept):
+def _teacher_heun(teacher, chunk, opts):
     """The teacher's Heun images of `chunk`: those save_heun_images kept of this very block, else sampled."""
-    image = kept.get(f'{chunk[0]}_{len(chunk)}') if chunk == list(range(chunk[0], chunk[0] + len(chunk))) else None
-    return torch.as_tensor(image, device=device) if image is not None else _generate(teacher, chunk, opts, device,
+    image = opts.kept.get(f'{chunk[0]}_{len(chunk)}') if chunk == list(range(chunk[0], chunk[0] + len(chunk))) else None
+    return torch.as_tensor(image, device=opts.device) if image is not None else _generate(teacher, chunk, opts,
         samplers.edm_sampler, num_steps=opts.heun_steps)
 
-_teacher_cache = weakref.WeakKeyDictionary() # teacher -> {(seed, class, heun_steps): float32 CPU image}
+_teacher_cache = weakref.WeakKeyDictionary() # teacher -> {key: float32 CPU image}
 
-def _teacher_images(teacher, indices, opts, device, kept, new_images=None):
-    """The teacher's Heun images of `indices` (float64 on device), generated once per process;
-    `new_images` (float64, one per index) are stored instead."""
-    try:
-        cache = _teacher_cache.setdefault(teacher, dict())
-    except TypeError: # Not weakly referenceable: no cache.
-        cache = dict()
+def _teacher_images(teacher, indices, opts, new_images=None):
+    """The teacher's Heun images of `indices` (float64), generated once per process; `new_images` are stored."""
+    cache = _teacher_cache.setdefault(teacher, dict())
     key = lambda i: (opts.seed + i, i % teacher.label_dim if teacher.label_dim else None, opts.heun_steps)
     if new_images is not None:
         cache.update({key(i): image.to('cpu', torch.float32) for i, image in zip(indices, new_images)})
     for chunk in _batches([i for i in indices if key(i) not in cache], opts.batch):
-        images = _teacher_heun(teacher, chunk, opts, device, kept)
+        images = _teacher_heun(teacher, chunk, opts)
         cache.update({key(i): image.to('cpu', torch.float32) for i, image in zip(chunk, images)})
-    return torch.stack([cache[key(i)] for i in indices]).to(device, torch.float64)
+    return torch.stack([cache[key(i)] for i in indices]).to(opts.device, torch.float64)
 
 #----------------------------------------------------------------------------
 
@@ -246,21 +235,20 @@ def validate(
     batch       = 64,       # Images per sampler and detector call on each rank.
     ref         = None,     # Reference statistics (.npz path or URL) ...
     ref_data    = None,     # ... or the dataset (folder or zip) to compute them from once.
-    detector    = metrics.INCEPTION_NAME, # 'inception' (also None), 'pixels', or a pickled network's path or URL.
+    detector    = metrics.INCEPTION_NAME, # 'inception' (also None), 'pixels', or a pickled network's path/URL.
     teacher     = True,     # Also the teacher's Fréchet distance, once per run?
     agree_num   = 1000,     # Seeds of the teacher agreement (the first of the validation seeds); 0 = none.
     heun_steps  = 18,       # Steps of the Heun sampler (teacher, and the network in EDM training).
     grid_num    = 64,       # Images in the returned grid; 0 = no grid.
-    save_best   = True,     # Keep the snapshot with the lowest Fréchet distance as network-snapshot-best.pkl?
+    save_best   = True,     # Keep the best snapshot as BEST_SNAPSHOT?
     workers     = 2,        # Data loader processes per rank for the reference statistics.
     resume_dir  = None,     # Run directory of the resumed training state: its history counts too.
 ):
-    """Validate `net` on all ranks; returns the figures and the grid `samples` (uint8 HWC) and appends them
-    (rank 0) to metrics-val.jsonl. With an `encoder` (latent run) the detector and the grid see decoded samples."""
+    """Validate `net` on all ranks: the figures and the grid `samples` (uint8 HWC), also appended to HISTORY_FILE;
+    with an `encoder` (latent run) the detector and the grid see decoded samples."""
     time_start = time.time()
-    opts = _parse_options(num, seed, batch, ref, ref_data, detector, teacher, agree_num, heun_steps, grid_num,
-        save_best, workers, resume_dir)
-    device = torch.device(device)
+    opts = _parse_options(**locals())
+    opts.device = device = torch.device(device)
     world = dist.get_world_size()
     image_shape = [net.img_channels, net.img_resolution, net.img_resolution]
     opts.clip, to_uint8 = encoder is None, (samplers.to_uint8 if encoder is None else encoder.decode)
@@ -299,7 +287,7 @@ def validate(
     total = max(opts.num, agree_num)
     teacher_name = f'teacher_{fd_name}'
     fd_teacher = teacher_net is not None and opts.teacher and opts.num > 0 and teacher_name not in history['names']
-    kept = _kept_heun_images(teacher_net, opts, device, run_dir) if fd_teacher or agree_num > 0 else dict()
+    opts.kept = _kept_heun_images(teacher_net, opts, run_dir) if fd_teacher or agree_num > 0 else dict()
 
     # The teacher's Fréchet distance, once per run; its agreement images come with it.
     if fd_teacher:
@@ -307,11 +295,11 @@ def validate(
             f'{det.label}...')
         stats = metrics.FeatureStats(det.device)
         for chunk in _rank_batches(opts.num, opts.batch):
-            images = _teacher_heun(teacher_net, chunk, opts, device, kept)
+            images = _teacher_heun(teacher_net, chunk, opts)
             stats.append(det(to_uint8(images)))
             agree = [j for j, i in enumerate(chunk) if i < agree_num]
             if agree:
-                _teacher_images(teacher_net, [chunk[j] for j in agree], opts, device, kept, new_images=images[agree])
+                _teacher_images(teacher_net, [chunk[j] for j in agree], opts, new_images=images[agree])
         figures[teacher_name] = fd_of(stats)
 
     # The network's images: features, agreement with the teacher, the grid.
@@ -320,7 +308,7 @@ def validate(
     sums = torch.zeros([3], dtype=torch.float64, device=device) # Squared differences, their number, non-finite images.
     grid_items = []
     for chunk in _rank_batches(total, opts.batch):
-        images = _generate(net, chunk, opts, device, sample_fn, **sample_kwargs)
+        images = _generate(net, chunk, opts, sample_fn, **sample_kwargs)
         sums[2] += (~torch.isfinite(images)).flatten(1).any(dim=1).sum()
         images_u8 = to_uint8(images)
         rows = [j for j, i in enumerate(chunk) if i < opts.num]
@@ -328,7 +316,7 @@ def validate(
             stats.append(det(images_u8[rows]))
         rows = [j for j, i in enumerate(chunk) if i < agree_num]
         if rows:
-            diff = images[rows] - _teacher_images(teacher_net, [chunk[j] for j in rows], opts, device, kept)
+            diff = images[rows] - _teacher_images(teacher_net, [chunk[j] for j in rows], opts)
             sums[0] += diff.square().sum()
             sums[1] += diff.numel()
         grid_items += [(i, im.permute(1, 2, 0).cpu().numpy()) for i, im in zip(chunk, images_u8) if i < opts.grid_num]
