@@ -51,27 +51,28 @@ def save_png(image, path):
     metavar='BOOL', type=bool, is_flag=False, flag_value=True, default=False, show_default=True)
 @click.option('--device', help='Device to run on', metavar='auto|cuda|cpu', type=click.Choice(['auto', 'cuda', 'cpu']),
     default='auto', show_default=True)
-@click.option('--sampler', help='auto = student if the snapshot is one, else heun', metavar='auto|heun|euler|student',
-    type=click.Choice(['auto', 'heun', 'euler', 'student']), default='auto', show_default=True)
-@click.option('--steps', 'num_steps', help='Number of noise levels (heun/euler)  [default: 18]', metavar='INT',
+@click.option('--sampler', help='auto = student if the snapshot is one, else heun; addim = the paper\'s aDDIM',
+    metavar='auto|heun|euler|addim|student', type=click.Choice(['auto', 'heun', 'euler', 'addim', 'student']),
+    default='auto', show_default=True)
+@click.option('--steps', 'num_steps', help='Number of noise levels (heun/euler/addim)  [default: 18]', metavar='INT',
     type=click.IntRange(min=1))
-@click.option('--sigma_min', help='Lowest noise level (heun/euler)  [default: 0.002]', metavar='FLOAT',
+@click.option('--sigma_min', help='Lowest noise level (heun/euler/addim)  [default: 0.002]', metavar='FLOAT',
     type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help='Highest noise level (heun/euler)  [default: 80]', metavar='FLOAT',
+@click.option('--sigma_max', help='Highest noise level (heun/euler/addim)  [default: 80]', metavar='FLOAT',
     type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho', help='Exponent of the noise grid (heun/euler)  [default: 7]', metavar='FLOAT',
+@click.option('--rho', help='Exponent of the noise grid (heun/euler/addim)  [default: 7]', metavar='FLOAT',
     type=click.FloatRange(min=0, min_open=True))
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength (heun/euler)  [default: 0]', metavar='FLOAT',
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength (heun/euler/addim)  [default: 0]', metavar='FLOAT',
     type=click.FloatRange(min=0))
-@click.option('--S_min', 'S_min', help='Stochastic min noise level (heun/euler)  [default: 0]', metavar='FLOAT',
+@click.option('--S_min', 'S_min', help='Stochastic min noise level (heun/euler/addim)  [default: 0]', metavar='FLOAT',
     type=click.FloatRange(min=0))
-@click.option('--S_max', 'S_max', help='Stochastic max noise level (heun/euler)  [default: inf]', metavar='FLOAT',
+@click.option('--S_max', 'S_max', help='Stochastic max noise level (heun/euler/addim)  [default: inf]', metavar='FLOAT',
     type=click.FloatRange(min=0))
-@click.option('--S_noise', 'S_noise', help='Stochastic noise inflation (heun/euler)  [default: 1]', metavar='FLOAT',
+@click.option('--S_noise', 'S_noise', help='Stochastic noise inflation (heun/euler/addim)  [default: 1]', metavar='FLOAT',
     type=float)
 @click.option('--stochastic', help='Re-noise between the steps of the student', metavar='BOOL', type=bool,
     is_flag=False, flag_value=True, default=False, show_default=True)
-@click.option('--gnet', 'gnet_pkl', help='Guiding network (heun/euler): unconditional or weaker', metavar='PKL|URL')
+@click.option('--gnet', 'gnet_pkl', help='Guiding network (heun/euler/addim): unconditional or weaker', metavar='PKL|URL')
 @click.option('--guidance', help='Guidance weight with --gnet, 1 = none', metavar='FLOAT', type=click.FloatRange(min=0))
 def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, save_latents, device, sampler,
     stochastic, gnet_pkl, guidance, **sampler_kwargs):
@@ -98,7 +99,7 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, s
         sampler = ('student' if sigmas is not None else 'heun') if sampler == 'auto' else sampler
         preflight.check_guidance(gnet_pkl, guidance)
         if gnet_pkl is not None and sampler == 'student':
-            raise ValueError('--gnet guides only --sampler=heun or euler; a student learned its guidance, so leave '
+            raise ValueError('--gnet guides only --sampler=heun, euler or addim; a student learned its guidance, so leave '
                 '--gnet and --guidance out.')
         gnet = None
         if gnet_pkl is not None:
@@ -128,14 +129,15 @@ def main(network_pkl, outdir, subdirs, seeds, class_idx, max_batch_size, grid, s
                 'student grid; use --sampler=heun or euler.')
         if sampler_kwargs:
             names = ', '.join(f'--{key if key != "num_steps" else "steps"}' for key in sampler_kwargs)
-            raise click.ClickException(f'{names} apply only to --sampler=heun or euler; the student takes its '
+            raise click.ClickException(f'{names} apply only to --sampler=heun, euler or addim; the student takes its '
                 f'{len(sigmas) - 1} steps from the snapshot.')
         sample_fn, sample_kwargs = samplers.student_sampler, dict(sigmas=sigmas, stochastic=stochastic)
         desc = f'student sampler, S={len(sigmas) - 1}{", stochastic" if stochastic else ""}'
     else:
         if stochastic:
             raise click.ClickException('--stochastic applies only to --sampler=student; use --S_churn instead.')
-        sample_fn, sample_kwargs = samplers.edm_sampler if sampler == 'heun' else samplers.euler_sampler, sampler_kwargs
+        sample_fn = dict(heun=samplers.edm_sampler, euler=samplers.euler_sampler, addim=samplers.addim_sampler)[sampler]
+        sample_kwargs = sampler_kwargs
         num_steps = sampler_kwargs.get('num_steps', 18)
         net_min, net_max, _round_sigma = samplers.noise_range(net)
         sigma_min = max(sampler_kwargs.get('sigma_min', 0.002), net_min)

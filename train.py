@@ -91,6 +91,7 @@ CD_LOSS_OPTIONS = [ # (option, keyword of the loss, type, default, help)
     ('cd_loss',         'loss',             click.Choice(loss_cd.LOSSES), 'pseudo_huber', 'Distance of student and target'),
     ('cd_huber_c',      'huber_c',          POSITIVE,               None,       'c of pseudo_huber, delta of huber  [default: 0.00054 sqrt(d), 0.00054]'),
     ('cd_weight_mode',  'weight_mode',      click.Choice(loss_cd.WEIGHT_MODES), 'sqrt_karras', 'Weight lambda(sigma) of the loss'),
+    ('teacher_hop',     'teacher_hop',      click.Choice(loss_cd.TEACHER_HOPS), 'heun', 'Integrator of the teacher\'s hop: Heun or the paper\'s aDDIM'),
     ('ct',              'ct',               bool,                   False,      'Consistency training: the data\'s hop, no teacher; tuning with --transfer'),
 ]
 CD_OPTIONS = ['teacher', 'gnet', 'guidance', 'student_init', 'teacher_precision', 'no_terminal_anchor', 'no_sync_dropout',

@@ -32,7 +32,6 @@ def _smooth(gen, n, channels, resolution, low):
     return up / up.square().mean(dim=1, keepdim=True).sqrt()
 
 def make_mixture(name):
-    assert name in MIXTURES
     gen = torch.Generator().manual_seed(2024)
     K, C, R, rank, scale = (4, 1, 8, 4, 0.6) if name == 'gmm8' else (8, 3, 16, 4, 0.5)
     means = scale * _smooth(gen, K, C, R, 2)
@@ -42,25 +41,15 @@ def make_mixture(name):
     return GaussianMixture(means, weights, factors, noise, img_channels=C, img_resolution=R)
 
 #----------------------------------------------------------------------------
-# Presets: keywords of ConsistencyDistillLoss, or of the student sampler as sampler_*.
+# Presets of loss keywords (a dict: one value per S); `--set KEY=VALUE` adds any keyword, sampler_* to the sampler.
 # Interior sigmas per S where gmm8's `karras` students err, set by hand.
 MID_LAYOUTS = {2: '2', 4: '8,2,0.5', 8: '12,6,3.5,2,1.2,0.6,0.25'}
 ONE_EDGE = {S: S for S in (1, 2, 4, 8, 16)} # T_start of consistency training: one edge per segment.
 
 CONFIGS = dict(
-    current=dict(), T16=dict(T_start=16, T_end=16), T_budget=dict(T_start=16, T_end=64, T_anneal_kimg=None),
-    T_budget256=dict(T_start=16, T_end=256, T_anneal_kimg=None), target_live=dict(target_mode='live'),
-    target_ema0=dict(target_ema=0.0), target_ema09=dict(target_ema=0.9), target_teacher=dict(target_mode='teacher'),
-    teacher_addim=dict(target_mode='teacher', addim_scale=0.1),
-    teacher_l2=dict(target_mode='teacher', loss='l2', weight_mode='edm'),
-    karras_open=dict(student_sigmas='karras_open'), rho3=dict(rho=3), l2_edm=dict(loss='l2', weight_mode='edm'),
-    l2root=dict(loss='l2_root'), huber_c10=dict(huber_c='10x'), snr1=dict(weight_mode='snr+1'),
-    w_uniform=dict(weight_mode='uniform'), l2_uniform=dict(loss='l2', weight_mode='uniform'),
-    edm_edges=dict(sampling_mode='edm'), uniform_edges=dict(sampling_mode='uniform'), term_prob=dict(terminal_prob=0.1),
-    addim_bridge=dict(addim_scale=0.1), addim_sampler=dict(sampler_addim_scale=0.1),
-    stochastic=dict(sampler_stochastic=True), layout_mid=dict(student_sigmas=MID_LAYOUTS),
-    layout_mid_teacher=dict(student_sigmas=MID_LAYOUTS, target_mode='teacher'), oracle=dict(oracle_substeps=8),
-    oracle_layout_mid=dict(oracle_substeps=8, student_sigmas=MID_LAYOUTS),
+    current=dict(), addim_hop=dict(teacher_hop='addim'), oracle=dict(oracle_substeps=8),
+    layout_mid=dict(student_sigmas=MID_LAYOUTS), oracle_layout_mid=dict(oracle_substeps=8, student_sigmas=MID_LAYOUTS),
+    layout_mid_teacher=dict(student_sigmas=MID_LAYOUTS, target_mode='teacher'),
     ct=dict(ct=True, T_start=ONE_EDGE, T_anneal_kimg=None), # Consistency training (tuning with --init_steps).
 )
 
@@ -84,7 +73,7 @@ def resolve_config(name, overrides, budget_kimg, dim):
     sampler = {k.removeprefix('sampler_'): v for k, v in merged.items() if k.startswith('sampler_')}
     if loss.get('T_anneal_kimg', 0) is None:
         loss['T_anneal_kimg'] = budget_kimg
-    if isinstance(loss.get('huber_c'), str) and loss['huber_c'].endswith('x'):
+    if str(loss.get('huber_c')).endswith('x'):
         loss['huber_c'] = float(loss['huber_c'][:-1]) * 0.00054 * np.sqrt(dim)
     return loss, sampler
 
@@ -95,7 +84,8 @@ def for_S(loss_kwargs, S):
     return {key: (value[S] if isinstance(value, dict) else value) for key, value in loss_kwargs.items()}
 
 class OracleTargetLoss(ConsistencyDistillLoss):
-    """Control: every non-terminal reference is the teacher's ODE solution (`oracle_substeps` Heun steps)."""
+    """Control: every non-terminal reference is the teacher's ODE solution (`oracle_substeps` Heun steps; to a
+    boundary of 0, down to sigma_min, then the denoiser)."""
 
     def __init__(self, *, oracle_substeps=8, **kwargs):
         super().__init__(**dict(kwargs, target_mode='teacher'))
@@ -106,8 +96,7 @@ class OracleTargetLoss(ConsistencyDistillLoss):
         d = super().draw(net, images, labels, augment_pipe)
         denoise = ops.make_denoiser(self.teacher, labels, d.augment_labels)
         sigma_t = d.sigma_t.to(torch.float64)
-        end = torch.full_like(sigma_t, self.sigma_min).minimum(sigma_t / 2) # A boundary of 0 ends at sigma_min.
-        end = torch.where(d.sigma_ref > 0, d.sigma_ref.to(torch.float64), end)
+        end = torch.where(d.sigma_ref > 0, d.sigma_ref.to(torch.float64), (sigma_t / 2).clamp(max=self.sigma_min))
         x, n = d.x_t.to(torch.float64), self.oracle_substeps
         for i in range(n):
             a, b = (sigma_t * (end / sigma_t) ** (k / n) for k in (i, i + 1))
@@ -122,10 +111,9 @@ class OracleTargetLoss(ConsistencyDistillLoss):
 
 def references(mixture, latents, num_steps, sigma_min):
     """Exact endpoints (float64 Heun, 2 * num_steps levels), RMS and largest step-doubling difference."""
-    coarse = samplers.edm_sampler(mixture, latents, num_steps=num_steps, sigma_min=sigma_min)
-    fine = samplers.edm_sampler(mixture, latents, num_steps=2 * num_steps, sigma_min=sigma_min)
-    diff = coarse - fine
-    return fine, float(diff.square().mean().sqrt()), float(diff.abs().max())
+    coarse, fine = (samplers.edm_sampler(mixture, latents, num_steps=k * num_steps, sigma_min=sigma_min)
+        for k in (1, 2))
+    return fine, rmse(coarse, fine), float((coarse - fine).abs().max())
 
 def exact_states(mixture, latents, sigmas, substeps):
     """Float64 PF-ODE states at a student grid's levels (per segment, Heun on `substeps` levels)."""
@@ -143,17 +131,13 @@ def exact_states(mixture, latents, sigmas, substeps):
 def segment_profile(student, states, sigmas):
     """Per segment j, RMSE of the student's step from exact state j to j+1 and of its steps to the end."""
     sigmas, S = [float(v) for v in sigmas], len(sigmas) - 1
-    def step(x, a, b):
-        x_hat = student(x, torch.as_tensor(a, dtype=torch.float64), None).to(torch.float64)
-        return x_hat if b == 0 else x_hat + (b / a) * (x - x_hat)
-    one_step = [rmse(step(states[j], sigmas[j], sigmas[j + 1]), states[j + 1]) for j in range(S)]
-    from_exact = []
-    for j in range(S):
+    def run(j, end): # The student's DDIM steps from exact state j to level `end`, against exact state `end`.
         x = states[j]
-        for k in range(j, S):
-            x = step(x, sigmas[k], sigmas[k + 1])
-        from_exact.append(rmse(x, states[-1]))
-    return dict(one_step=one_step, from_exact=from_exact)
+        for a, b in zip(sigmas[j:end], sigmas[j + 1:end + 1]):
+            x_hat = student(x, torch.as_tensor(a, dtype=torch.float64), None).to(torch.float64)
+            x = x_hat if b == 0 else x_hat + (b / a) * (x - x_hat)
+        return rmse(x, states[end])
+    return dict(one_step=[run(j, j + 1) for j in range(S)], from_exact=[run(j, S) for j in range(S)])
 
 def rmse(x, ref):
     return float((x.to(torch.float64) - ref).square().mean().sqrt())
@@ -170,8 +154,11 @@ def make_student(mixture, cbase):
     return EDMPrecond(img_resolution=mixture.img_resolution, img_channels=mixture.img_channels, model_type='SongUNet',
         model_channels=cbase, channel_mult=mult, num_blocks=1, attn_resolutions=[], dropout=0)
 
-def optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio):
-    """Train `net` on fresh mixture samples; returns its EMA."""
+def optimize(mixture, loss_fn, seed, steps, cbase, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio,
+        init=None):
+    """The student U-Net, from random weights or a copy of `init`, trained on fresh mixture samples; returns its EMA."""
+    torch.manual_seed(seed)
+    net = (make_student(mixture, cbase) if init is None else copy.deepcopy(init)).train().requires_grad_(True)
     distill = isinstance(loss_fn, ConsistencyDistillLoss)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=[0.9, 0.999], eps=1e-8)
@@ -188,100 +175,81 @@ def optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_
         update_ema(ema, net, cur_nimg, batch, ema_halflife_kimg, ema_rampup_ratio)
     return ema
 
-def pretrain_denoiser(mixture, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio, cbase,
-        seed=10000):
-    """The student U-Net trained with EDM's loss."""
-    torch.manual_seed(seed)
-    net = make_student(mixture, cbase).train().requires_grad_(True)
-    return optimize(net, mixture, EDMLoss(), seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg,
-        ema_rampup_ratio)
-
-def train_student(mixture, S, seed, loss_kwargs, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio,
-        cbase, init=None):
-    """(EMA, loss) of an S-step student distilled from random weights or `init`."""
-    torch.manual_seed(seed)
-    net = (make_student(mixture, cbase) if init is None else copy.deepcopy(init)).train().requires_grad_(True)
+def train_student(mixture, S, seed, loss_kwargs, **opt):
+    """(EMA, loss) of an S-step student; `opt`: optimize's arguments after `seed`."""
     loss_kwargs = for_S(loss_kwargs, S)
     loss_fn = (OracleTargetLoss if 'oracle_substeps' in loss_kwargs else ConsistencyDistillLoss)(S=S, **loss_kwargs)
-    loss_fn.set_teacher(mixture)
-    return optimize(net, mixture, loss_fn, seed, steps, batch, lr, lr_rampup_kimg, ema_halflife_kimg,
-        ema_rampup_ratio), loss_fn
+    return optimize(mixture, loss_fn.set_teacher(mixture), seed, **opt), loss_fn
 
 def log(text):
     print(text, flush=True)
 
 #----------------------------------------------------------------------------
 
-def run_mixture(name, S_list, seeds, config, overrides, num, ref_steps, profile, steps, batch, kimg, lr, lr_rampup_kimg,
-        ema_halflife_kimg, ema_rampup_ratio, cbase, init_steps, init_cache):
+def run_mixture(name, S_list, seeds, config, overrides, num, ref_steps, profile, steps, kimg, cbase, init_steps,
+        init_cache, **opt):
     start, mixture = time.time(), make_mixture(name)
-    hp = (lr, lr_rampup_kimg, ema_halflife_kimg, ema_rampup_ratio)
     loss_kwargs, sampler_kwargs = resolve_config(config, overrides, kimg, mixture.dim)
     for S in S_list:
         for_S(loss_kwargs, S)
     shape = [mixture.img_channels, mixture.img_resolution, mixture.img_resolution]
     latents = torch.randn([num, *shape], dtype=torch.float64, generator=torch.Generator().manual_seed(777))
     exact, doubling_rms, doubling_max = references(mixture, latents, ref_steps, sigma_min=1e-4)
-    reference = dict(num_steps=2 * ref_steps, sigma_min=1e-4, doubling_rms=doubling_rms, doubling_max=doubling_max,
+    ref = dict(num_steps=2 * ref_steps, sigma_min=1e-4, doubling_rms=doubling_rms, doubling_max=doubling_max,
         exact_tv=coverage_tv(mixture, exact), seconds=time.time() - start)
     log(f'{name}: {"x".join(map(str, shape))}, {mixture.num_components} components; reference: Heun with '
         f'{2 * ref_steps} levels, step doubling RMS {doubling_rms:.2e} (max {doubling_max:.2e}), '
-        f'exact samples\' TV {reference["exact_tv"]:.3f}, {reference["seconds"]:.1f} s')
+        f'exact samples\' TV {ref["exact_tv"]:.3f}, {ref["seconds"]:.1f} s')
     out = dict(mixture=name, shape=shape, components=mixture.num_components, loss_kwargs=loss_kwargs,
-        sampler_kwargs=sampler_kwargs, reference=reference, S=dict())
-    init = None
+        sampler_kwargs=sampler_kwargs, reference=ref, S=dict())
+    init, t0 = None, time.time()
     if init_steps > 0:
-        t0 = time.time()
-        cache = None if init_cache is None else os.path.join(init_cache, f'{name}-denoiser-{init_steps}x{batch}'
-            f'-lr{lr:g}-rampup{lr_rampup_kimg:g}-ema{ema_halflife_kimg:g}-{ema_rampup_ratio:g}-c{cbase}.pt')
-        if cache is not None and os.path.isfile(cache):
+        cache = init_cache and os.path.join(init_cache, f'{name}-denoiser-{init_steps}x{opt["batch"]}-lr{opt["lr"]:g}'
+            f'-rampup{opt["lr_rampup_kimg"]:g}-ema{opt["ema_halflife_kimg"]:g}-{opt["ema_rampup_ratio"]:g}-c{cbase}.pt')
+        if cache and os.path.isfile(cache):
             init = make_student(mixture, cbase).eval().requires_grad_(False)
             init.load_state_dict(torch.load(cache, map_location='cpu'))
         else:
-            init = pretrain_denoiser(mixture, init_steps, batch, *hp, cbase)
-            if cache is not None:
+            init = optimize(mixture, EDMLoss(), 10000, init_steps, cbase, **opt) # The denoiser: EDM's loss.
+            if cache:
                 os.makedirs(init_cache, exist_ok=True)
                 torch.save(init.state_dict(), cache + '.tmp')
                 os.replace(cache + '.tmp', cache)
         out['init'] = dict(steps=init_steps, seconds=time.time() - t0, cache=cache)
-        log(f'  initial student: the U-Net trained as the denoiser for {init_steps} steps x {batch} images'
-            f'{" (from " + cache + ")" if cache is not None else ""}, {time.time() - t0:.1f} s')
+        log(f'  initial student: the U-Net trained as the denoiser for {init_steps} steps x {opt["batch"]} images'
+            f'{" (from " + cache + ")" if cache else ""}, {time.time() - t0:.1f} s')
     score = lambda x, nfe: dict(nfe=nfe, rmse=rmse(x, exact), tv=coverage_tv(mixture, x))
     for S in S_list:
         rows, profiles, states = [], [], None
         for seed in seeds:
             t0 = time.time()
-            student, loss_fn = train_student(mixture, S, seed, loss_kwargs, steps, batch, *hp, cbase, init=init)
-            gen = torch.Generator().manual_seed(5000 + seed)
-            with torch.no_grad():
-                x = samplers.student_sampler(student, latents, sigmas=loss_fn.student_sigmas(), **sampler_kwargs,
-                    randn_like=lambda x, gen=gen: torch.randn(x.shape, dtype=x.dtype, generator=gen))
+            student, loss_fn = train_student(mixture, S, seed, loss_kwargs, steps=steps, cbase=cbase, init=init, **opt)
+            gen, sigmas = torch.Generator().manual_seed(5000 + seed), loss_fn.student_sigmas()
+            x = samplers.student_sampler(student, latents, sigmas=sigmas, **sampler_kwargs,
+                randn_like=lambda x, gen=gen: torch.randn(x.shape, dtype=x.dtype, generator=gen))
             rows.append((rmse(x, exact), coverage_tv(mixture, x), time.time() - t0))
             if profile and not sampler_kwargs:
-                states = states or exact_states(mixture, latents, loss_fn.student_sigmas(), ref_steps)
-                profiles.append(segment_profile(student, states, loss_fn.student_sigmas()))
-        euler = samplers.euler_sampler(mixture, latents, num_steps=S)
-        heun = samplers.edm_sampler(mixture, latents, num_steps=(S + 1) // 2)
+                states = states or exact_states(mixture, latents, sigmas, ref_steps)
+                profiles.append(segment_profile(student, states, sigmas))
         cols = zip(('rmse', 'tv', 'seconds'), zip(*rows))
         entry = dict(student={k: dict(mean=float(np.mean(v)), std=float(np.std(v)), values=list(v)) for k, v in cols},
-            euler=score(euler, S), heun=score(heun, S + S % 2 - 1))
+            euler=score(samplers.euler_sampler(mixture, latents, num_steps=S), S),
+            heun=score(samplers.edm_sampler(mixture, latents, num_steps=(S + 1) // 2), S + S % 2 - 1))
         if profiles:
-            seg = entry['segments'] = dict(sigmas=loss_fn.student_sigmas().tolist())
-            for key in ('one_step', 'from_exact'):
-                seg[key] = [float(np.mean(v)) for v in zip(*[p[key] for p in profiles])]
+            seg = entry['segments'] = dict(sigmas=sigmas.tolist())
+            seg.update({key: np.mean([p[key] for p in profiles], 0).tolist() for key in ('one_step', 'from_exact')})
             fmt = lambda key: ' '.join(f'{v:.3f}' for v in seg[key])
             log(f'  S={S} per segment (mean over seeds): one step from the exact state {fmt("one_step")} | '
                 f'RMSE of the remaining steps from the exact state {fmt("from_exact")}')
         if init is not None:
-            with torch.no_grad():
-                entry['init_euler'] = score(samplers.euler_sampler(init, latents.to(torch.float32), num_steps=S), S)
+            entry['init_euler'] = score(samplers.euler_sampler(init, latents.to(torch.float32), num_steps=S), S)
         out['S'][str(S)] = entry
-        st, eu, he = entry['student'], entry['euler'], entry['heun']
+        st = entry['student']
         tail = '' if init is None else f' | initial student\'s Euler ({S} NFE) RMSE {entry["init_euler"]["rmse"]:.4f}'
         ms = lambda key, fmt: f'{st[key]["mean"]:{fmt}} +- {st[key]["std"]:{fmt}}'
+        rt = lambda key: f'({entry[key]["nfe"]} NFE) RMSE {entry[key]["rmse"]:.4f} TV {entry[key]["tv"]:.3f}'
         log(f'  S={S}: student RMSE {ms("rmse", ".4f")}, TV {ms("tv", ".3f")}, {st["seconds"]["mean"]:.1f} s/seed | '
-            f'teacher Euler ({S} NFE) RMSE {eu["rmse"]:.4f} TV {eu["tv"]:.3f} | Heun ({he["nfe"]} NFE) RMSE '
-            f'{he["rmse"]:.4f} TV {he["tv"]:.3f}{tail}')
+            f'teacher Euler {rt("euler")} | Heun {rt("heun")}{tail}')
     out['seconds'] = time.time() - start
     return out
 
@@ -297,13 +265,11 @@ def run_mixture(name, S_list, seeds, config, overrides, num, ref_steps, profile,
 @click.option('--lr_rampup', help='Learning-rate ramp-up', metavar='KIMG', type=click.FloatRange(0), default=0.64)
 @click.option('--ema', help='EMA half-life', metavar='KIMG', type=click.FloatRange(0), default=0.5)
 @click.option('--ema_rampup', help='EMA ramp-up ratio', metavar='FLOAT', type=click.FloatRange(0), default=0.25)
-@click.option('--init_steps', help='Denoiser steps of the initial student (0: none)', metavar='INT',
-    type=click.IntRange(0), default=0)
+@click.option('--init_steps', help='Initial denoiser steps (0: none)', metavar='INT', type=click.IntRange(0), default=0)
 @click.option('--init_cache', help='Folder of denoiser checkpoints', metavar='DIR')
 @click.option('--cbase', help='Channel base of the U-Net', metavar='INT', type=click.IntRange(4), default=16)
 @click.option('--num', help='Evaluation samples', metavar='INT', type=click.IntRange(2), default=512)
-@click.option('--ref_steps', help='Heun levels of the coarse reference', metavar='INT', type=click.IntRange(2),
-    default=128)
+@click.option('--ref_steps', help='Heun levels, coarse reference', metavar='INT', type=click.IntRange(2), default=128)
 @click.option('--profile', help='Per-segment errors from the exact states (deterministic sampler)', is_flag=True)
 @click.option('--threads', help='CPU threads', metavar='INT', type=click.IntRange(1), default=1)
 @click.option('--out', help='JSON file of the figures', metavar='JSON')
@@ -311,8 +277,7 @@ def main(mixture, config, overrides, S_list, seeds, steps, batch, lr, lr_rampup,
         init_cache, cbase, num, ref_steps, profile, threads, out):
     """Distil Gaussian-mixture teachers into S-step students, against the exact ODE endpoints."""
     torch.set_num_threads(threads)
-    S_list = [int(v) for v in S_list.split(',') if v.strip()]
-    seeds = [int(v) for v in seeds.split(',') if v.strip()]
+    S_list, seeds = ([int(v) for v in text.split(',') if v.strip()] for text in (S_list, seeds))
     budget = dict(steps=steps, batch=batch, kimg=steps * batch / 1000, lr=lr, lr_rampup_kimg=lr_rampup,
         ema_halflife_kimg=ema, ema_rampup_ratio=ema_rampup, cbase=cbase, init_steps=init_steps, init_cache=init_cache)
     start = time.time()

@@ -1,15 +1,19 @@
-"""The adjusted DDIM step (training/samplers.py) in the student sampler and in the
-distillation loss's bridge: it reduces to DDIM with zero posterior variance,
-and on the Gaussian of cd-spec section 9 it lands closer to the exact ODE
-step than DDIM for a range of step sizes."""
+"""The adjusted DDIM step (training/samplers.py) as the teacher's hop of the distillation and as a teacher
+sampler: it reduces to Euler (DDIM) with zero posterior variance, and on the Gaussian of cd-spec section 9 it
+lands closer to the exact ODE step than Euler for a range of step sizes; the bridge and the student sampler have
+no aDDIM, and files of the old aDDIM bridge are refused."""
+
+import inspect
+import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 
+from training import checkpoint
 from training import consistency_ops as ops
 from training import samplers
-from training.gmm import GaussianMixture
 from training.loss_cd import ConsistencyDistillLoss
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -107,71 +111,68 @@ def test_addim_with_exact_variance_on_typical_samples_follows_the_closed_form():
 #----------------------------------------------------------------------------
 
 class _GaussNet(torch.nn.Module):
+    """The Gaussian's exact denoiser behind EDM's interface; counts its calls."""
     img_channels, img_resolution, label_dim, sigma_min, sigma_max = 1, 4, 0, 0, float('inf')
+    calls = 0
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
     def forward(self, x, sigma, class_labels=None):
+        self.calls += 1
         return gauss_D(x, torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1))
 
-def test_student_sampler_addim():
-    net = _GaussNet()
-    z = torch.randn(8, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    sigmas = samplers.student_sigmas(4)
-    plain = samplers.student_sampler(net, z, sigmas=sigmas)
-    torch.testing.assert_close(samplers.student_sampler(net, z, sigmas=sigmas, addim_scale=0), plain, rtol=0, atol=0)
+def _hop(x_a, sigma_a, sigma_b, **kwargs):
+    n = len(x_a)
+    sigmas = (torch.full([n], v, dtype=torch.float64) for v in (sigma_a, sigma_b))
+    return ops.addim_hop(_GaussNet(), x_a, *sigmas, dtype=torch.float64, **kwargs)
 
-    # The same loop written out: aDDIM between the levels, x_hat at the last.
-    x = z * sigmas[0]
-    for a, b in zip(sigmas[:-1], sigmas[1:]):
+def test_the_addim_teacher_hop_with_zero_variance_is_the_euler_hop():
+    x_a = torch.randn(6, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 3
+    for sigma_a, sigma_b in [(5.0, 4.0), (1.0, 0.1), (0.5, 0.0)]:
+        euler = ops.ddim_step(gauss_D(x_a, sigma_a), x_a, sigma_a, sigma_b, dtype=torch.float64)
+        torch.testing.assert_close(_hop(x_a, sigma_a, sigma_b, scale=0), euler, rtol=0, atol=1e-13)
+    torch.testing.assert_close(_hop(x_a, 0.5, 0.0), gauss_D(x_a, 0.5), rtol=0, atol=0) # To sigma = 0: the prediction.
+
+@pytest.mark.parametrize('sigma_a, sigma_b', NOISY_STEPS[1:] + [(0.47, 0.2), (0.3, 0.25)])
+def test_the_addim_teacher_hop_lands_closer_to_the_exact_flow_than_the_euler_hop(sigma_a, sigma_b):
+    x_a = MU + np.sqrt(STD ** 2 + sigma_a ** 2) * torch.randn(64, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact = gauss_flow(x_a, sigma_a, sigma_b)
+    err = lambda x: float((x - exact).square().mean().sqrt())
+    assert err(_hop(x_a, sigma_a, sigma_b)) < 0.9 * err(_hop(x_a, sigma_a, sigma_b, scale=0)) # The paper's variance.
+
+@pytest.mark.parametrize('hop, calls', [('addim', 1), ('heun', 2)])
+def test_the_draw_runs_one_teacher_evaluation_per_addim_hop(hop, calls):
+    teacher = _GaussNet()
+    loss_fn = ConsistencyDistillLoss(S=4, T_start=16, T_end=16, target_mode='ema', teacher_hop=hop, precision='float64')
+    d = loss_fn.set_teacher(teacher).draw(_GaussNet(), MU + STD * torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(5)))
+    assert teacher.calls == calls
+    if hop == 'addim':
+        torch.testing.assert_close(d.x_s, ops.addim_hop(_GaussNet(), d.x_t, d.sigma_t, d.sigma_s, dtype=torch.float64))
+
+def test_the_loss_and_the_student_sampler_have_no_addim_option():
+    for fn in (ConsistencyDistillLoss.__init__, samplers.student_sampler):
+        assert not [name for name in inspect.signature(fn).parameters if 'addim' in name]
+
+def test_the_addim_sampler_is_euler_with_lengthened_steps():
+    net, z = _GaussNet(), torch.randn(8, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    euler = samplers.euler_sampler(net, z, num_steps=4)
+    torch.testing.assert_close(samplers.addim_sampler(net, z, num_steps=4, addim_scale=0), euler, rtol=0, atol=0)
+    levels = torch.cat([samplers.karras_sigmas(4), torch.zeros(1, dtype=torch.float64)])
+    x = z * levels[0]
+    for a, b in zip(levels[:-1], levels[1:]): # The loop written out: aDDIM steps, the prediction at the last.
         x_hat = net(x, a)
-        x = x_hat if b == 0 else samplers.addim_step(x_hat, x, a, b, samplers.addim_variance(a, 0.1, 0.5))
-    torch.testing.assert_close(samplers.student_sampler(net, z, sigmas=sigmas, addim_scale=0.1), x, rtol=0, atol=1e-12)
-    assert float((x - plain).abs().max()) > 1e-3
-    with pytest.raises(AssertionError):
-        samplers.student_sampler(net, z, sigmas=sigmas, stochastic=True, addim_scale=0.1)
-    with pytest.raises(AssertionError):
-        samplers.student_sampler(net, z, sigmas=sigmas, addim_scale=-1)
+        x = x_hat if b == 0 else samplers.addim_step(x_hat, x, a, b, samplers.addim_variance(a))
+    torch.testing.assert_close(samplers.addim_sampler(net, z, num_steps=4), x, rtol=0, atol=1e-12)
+    assert float((x - euler).abs().max()) > 1e-3
 
-#----------------------------------------------------------------------------
-
-def _gauss_teacher():
-    return GaussianMixture(torch.full([1, 1, 2, 2], MU, dtype=torch.float64), [1.0], torch.zeros(1, 4, 1), STD, img_channels=1, img_resolution=2)
-
-@pytest.mark.parametrize('layout', ['karras', 'karras_open'])
-def test_loss_addim_bridge(layout):
-    teacher = _gauss_teacher()
-    images = MU + STD * torch.randn(512, 1, 2, 2, generator=torch.Generator().manual_seed(5))
-    draws = dict()
-    for scale in [0, 0.1]:
-        loss_fn = ConsistencyDistillLoss(S=4, T_start=32, T_end=32, target_mode='teacher',
-            student_sigmas=layout, precision='float64', addim_scale=scale).set_teacher(teacher)
-        torch.manual_seed(6)
-        draws[scale] = loss_fn.draw(_gauss_teacher(), images)
-    ddim, addim = draws[0], draws[0.1]
-    assert torch.equal(ddim.k, addim.k)
-    general = addim.general
-    assert general.any()
-    other = ~general
-    torch.testing.assert_close(addim.target[other], ddim.target[other], rtol=0, atol=0) # Terminal and boundary rows: unchanged.
-
-    # General rows: the aDDIM step of the target's prediction from sigma_s to the boundary (x_hat_s at a boundary of 0).
-    s_g, r_g = addim.sigma_s[general], addim.sigma_ref[general]
-    x_var = samplers.addim_variance(s_g, 0.1, 0.5) * (r_g > 0)
-    x_ref = samplers.addim_step(addim.target_out[general], addim.x_s[general], s_g, r_g, x_var)
-    torch.testing.assert_close(addim.x_ref[general], x_ref, rtol=0, atol=1e-12)
-    positive = r_g > 0
-    assert float((addim.target[general][positive] - ddim.target[general][positive]).abs().min()) > 0
-    torch.testing.assert_close(addim.target[general][~positive], ddim.target[general][~positive], rtol=0, atol=0)
-
-    # With the teacher as target, the Euler bridge misses the exact flow at the boundary; aDDIM misses it by less.
-    exact = gauss_flow(addim.x_s[general], s_g.reshape(-1, 1, 1, 1), r_g.reshape(-1, 1, 1, 1))
-    err = lambda d: float((d.x_ref[general][positive] - exact[positive]).square().mean().sqrt())
-    assert err(addim) < 0.9 * err(ddim), (err(addim), err(ddim))
-
-def test_loss_rejects_bad_addim():
-    with pytest.raises(ValueError, match='addim_scale=-0.1'):
-        ConsistencyDistillLoss(addim_scale=-0.1)
-    with pytest.raises(ValueError, match='addim_prior=0'):
-        ConsistencyDistillLoss(addim_scale=0.1, addim_prior=0)
-
-#----------------------------------------------------------------------------
+def test_snapshots_and_states_of_the_old_addim_bridge_are_refused(tmp_path):
+    fix = 'which this version replaced by the teacher\'s aDDIM hop; distil again, with --teacher_hop=addim.'
+    for loss in [dict(class_name='training.loss_cd.ConsistencyDistillLoss', init_args=[], init_kwargs=dict(addim_scale=0.1)),
+            dict(addim_scale=0.1, class_name='training.loss_cd.ConsistencyDistillLoss')]: # A snapshot's, a state's.
+        with pytest.raises(ValueError, match=re.escape('comes from a distillation with the aDDIM bridge (addim_scale=0.1), ' + fix)):
+            checkpoint.check_no_addim_bridge(loss, 'X')
+    path = tmp_path / 'old.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=_GaussNet(), loss_fn=dict(init_kwargs=dict(addim_scale=0.5))), f)
+    with pytest.raises(ValueError, match=re.escape(f'"{path}" comes from a distillation with the aDDIM bridge (addim_scale=0.5)')):
+        checkpoint.load_snapshot(str(path))
+    checkpoint.check_no_addim_bridge(dict(init_kwargs=dict(addim_scale=0)), 'X') # Zero: plain DDIM, accepted.

@@ -29,8 +29,9 @@ def fresh_stats(monkeypatch):
     monkeypatch.setattr(training_stats, '_counters', dict())
     monkeypatch.setattr(training_stats, '_cumulative', dict())
 
-@pytest.mark.parametrize('name', sorted(REFERENCE))
+@pytest.mark.parametrize('name', sorted(name for name, ref in REFERENCE.items() if 'addim_scale' not in ref['loss_kwargs']))
 def test_step_reproduces_the_implementation_before_the_rewrite(name, one_thread, fresh_stats):
+    # The reference's aDDIM-bridge case is left out: that bridge is gone (the teacher's hop has aDDIM instead).
     ref = REFERENCE[name]
     ours = make_reference.run_case(ref['label_dim'], ref['loss_kwargs'], train=ref['train'])
     for key in ('k', 'case', 'seg'):

@@ -115,7 +115,8 @@ def test_tuning_builds_the_student_from_the_transfer_network(tmp_path, digits8, 
 
 @pytest.mark.parametrize('args, message', [
     (['--cd_target_mode=teacher'], 'Error: --cd_target_mode=teacher needs a teacher in the loss, which --ct=True runs without'),
-    (['--gnet=x.pkl', '--guidance=2'], 'Error: --gnet guides the teacher\'s hop, which --ct=True replaces by the data\'s'),
+    (['--gnet=x.pkl', '--guidance=2'], 'Error: --gnet sets the teacher\'s hop, which --ct=True replaces by the data\'s'),
+    (['--teacher_hop=addim'], 'Error: --teacher_hop sets the teacher\'s hop, which --ct=True replaces by the data\'s'),
 ])
 def test_ct_refuses_options_of_a_teacher(tmp_path, digits8, args, message):
     res = finish(start_train(f'--outdir={tmp_path}', f'--data={digits8}', *CT_RUN, *args))

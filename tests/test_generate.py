@@ -131,7 +131,9 @@ def test_auto_picks_heun_for_a_diffusion_network(tmp_path):
     assert 'heun sampler, 64 steps, 127 network evaluations' in result.output
     ok('--network', pkl, '--seeds', '0-7', '--outdir', tmp_path / 'heun', '--steps', 64, '--sampler', 'heun')
     ok('--network', pkl, '--seeds', '0-7', '--outdir', tmp_path / 'euler', '--steps', 64, '--sampler', 'euler')
-    assert pngs(tmp_path / 'auto') == pngs(tmp_path / 'heun') != pngs(tmp_path / 'euler')
+    result = ok('--network', pkl, '--seeds', '0-7', '--outdir', tmp_path / 'addim', '--steps', 4, '--sampler', 'addim')
+    assert 'addim sampler, 4 steps, 4 network evaluations' in result.output
+    assert pngs(tmp_path / 'auto') == pngs(tmp_path / 'heun') != pngs(tmp_path / 'euler') != pngs(tmp_path / 'addim')
     # 64 Heun steps are within a level of the exact endpoint (apart from rounding ties).
     for seed in range(8):
         diff = load(tmp_path / 'heun' / f'{seed:06d}.png').astype(int) - expected_student_image(seed)
@@ -212,7 +214,7 @@ def test_sampler_option_errors(tmp_path):
     student = student_snapshot(tmp_path / 'student.pkl', [80.0, 1.0, 0.0])
     out = ['--outdir', tmp_path / 'out']
     fails('--sampler=student needs a consistency student, but', '--network', teacher, *out, '--sampler', 'student')
-    fails('--steps, --S_churn apply only to --sampler=heun or euler; the student takes its 2 steps', '--network', student, *out, '--steps', 4, '--S_churn', 1)
+    fails('--steps, --S_churn apply only to --sampler=heun, euler or addim; the student takes its 2 steps', '--network', student, *out, '--steps', 4, '--S_churn', 1)
     fails('--stochastic applies only to --sampler=student', '--network', teacher, *out, '--stochastic')
     fails('choose --sigma_min below --sigma_max', '--network', teacher, *out, '--sigma_min', 5, '--sigma_max', 2)
     fails('Nothing would be saved', '--network', teacher)

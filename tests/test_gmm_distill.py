@@ -23,12 +23,12 @@ TINY = ['--S', '2,4', '--seeds', '0,1', '--steps', '3', '--batch', '8', '--num',
 
 def test_benchmark_runs_and_writes_every_figure(tmp_path):
     out = tmp_path / 'figures.json'
-    result = CliRunner().invoke(gmm_distill.main, TINY + ['--mixture', 'both', '--config', 'T_budget',
-        '--set', 'target_ema=0.9', '--set', 'sampler_stochastic=true', '--out', str(out)])
+    result = CliRunner().invoke(gmm_distill.main, TINY + ['--mixture', 'both', '--set', 'T_start=16', '--set', 'T_end=64',
+        '--set', 'T_anneal_kimg=none', '--set', 'target_ema=0.9', '--set', 'sampler_stochastic=true', '--out', str(out)])
     assert result.exit_code == 0, result.output
     assert 'step doubling RMS' in result.output and 'Total wall time' in result.output
     data = json.loads(out.read_text())
-    assert data['config'] == 'T_budget' and data['seeds'] == [0, 1] and data['S'] == [2, 4]
+    assert data['config'] == 'current' and data['seeds'] == [0, 1] and data['S'] == [2, 4]
     assert data['budget']['kimg'] == pytest.approx(0.024) and data['seconds'] > 0
     assert [m['mixture'] for m in data['mixtures']] == ['gmm8', 'gmm16']
     for m in data['mixtures']:
@@ -53,16 +53,17 @@ def test_students_start_from_the_denoiser_checkpoint(tmp_path):
     m = json.loads(out.read_text())['mixtures'][0]
     assert m['init']['steps'] == 2 and all(entry['init_euler']['nfe'] == int(S) and entry['init_euler']['rmse'] > 0 for S, entry in m['S'].items())
     mixture = gmm_distill.make_mixture('gmm8')
-    init = gmm_distill.pretrain_denoiser(mixture, steps=2, batch=8, lr=2e-3, lr_rampup_kimg=0, ema_halflife_kimg=0.5, ema_rampup_ratio=0.25, cbase=8)
+    opt = dict(batch=8, lr=2e-3, lr_rampup_kimg=0, ema_halflife_kimg=0.5, ema_rampup_ratio=0.25, cbase=8)
+    init = gmm_distill.optimize(mixture, gmm_distill.EDMLoss(), 10000, 2, **opt)
     before = {name: p.clone() for name, p in init.named_parameters()}
-    student, _ = gmm_distill.train_student(mixture, 2, 0, dict(), 0, 8, 2e-3, 0, 0.5, 0.25, 8, init=init)
+    student, _ = gmm_distill.train_student(mixture, 2, 0, dict(), steps=0, init=init, **opt)
     assert all(torch.equal(p, before[name]) for name, p in init.named_parameters())
     assert all(torch.equal(p, before[name]) for name, p in student.named_parameters())
 
 def test_config_resolution_and_bad_input():
-    loss, sampler = gmm_distill.resolve_config('huber_c10', ['loss=l2_root', 'sampler_addim_scale=0.1', 'student_sigmas=0.5,0.1,0.01'], 6.4, 64)
-    assert loss == dict(huber_c=pytest.approx(10 * 0.00054 * 8), loss='l2_root', student_sigmas='0.5,0.1,0.01')
-    assert sampler == dict(addim_scale=0.1)
+    loss, sampler = gmm_distill.resolve_config('current', ['huber_c=10x', 'loss=l2_root', 'sampler_stochastic=true', 'student_sigmas=0.5,0.1,0.01', 'rho=3', 'target_ema=0.9', 'T_anneal_kimg=None'], 6.4, 64)
+    assert loss == dict(huber_c=pytest.approx(10 * 0.00054 * 8), loss='l2_root', student_sigmas='0.5,0.1,0.01', rho=3, target_ema=0.9, T_anneal_kimg=6.4)
+    assert type(loss['rho']) is int and sampler == dict(stochastic=True)
     assert gmm_distill.resolve_config('current', [], 6.4, 64) == (dict(), dict())
     result = CliRunner().invoke(gmm_distill.main, TINY + ['--set', 'target_ema'])
     assert result.exit_code != 0 and 'KEY=VALUE' in result.output
@@ -78,7 +79,7 @@ def test_checkpoint_cache_and_per_S_presets(tmp_path):
     assert a['S']['4']['init_euler'] == b['S']['4']['init_euler']
     mixture = gmm_distill.make_mixture('gmm8')
     loss_kwargs, _ = gmm_distill.resolve_config('layout_mid_teacher', [], 0.024, mixture.dim)
-    _, loss_fn = gmm_distill.train_student(mixture, 4, 0, loss_kwargs, 0, 8, 2e-3, 0, 0.5, 0.25, 8)
+    _, loss_fn = gmm_distill.train_student(mixture, 4, 0, loss_kwargs, steps=0, cbase=8, batch=8, lr=2e-3, lr_rampup_kimg=0, ema_halflife_kimg=0.5, ema_rampup_ratio=0.25)
     assert loss_fn.target_mode == 'teacher' and loss_fn.student_sigmas().tolist() == [80, 8, 2, 0.5, 0]
     result = CliRunner().invoke(gmm_distill.main, TINY + ['--S', '3', '--config', 'layout_mid'])
     assert result.exit_code != 0 and 'not S=3' in result.output and 'Traceback' not in result.output

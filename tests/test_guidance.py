@@ -158,7 +158,7 @@ def test_guidance_bad_input(tmp_path):
     student = tmp_path / 'student.pkl'
     with open(student, 'wb') as f:
         pickle.dump(dict(ema=GaussianNet(img_resolution=8, img_channels=3), consistency=dict(S=2, student_sigmas=[80.0, 1.0, 0.0])), f)
-    assert error(f'--network={student}', f'--gnet={guide}', '--guidance=2', out).startswith('Error: --gnet guides only --sampler=heun or euler;')
+    assert error(f'--network={student}', f'--gnet={guide}', '--guidance=2', out).startswith('Error: --gnet guides only --sampler=heun, euler or addim;')
     with pytest.raises(AssertionError): # An internal invariant: the scripts refuse a negative weight with a sentence (above).
         guidance.guided(*gaussian_pair(), -0.5)
     assert not os.path.exists(tmp_path / 'out')

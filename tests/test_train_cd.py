@@ -73,7 +73,7 @@ def test_distillation_writes_a_student_snapshot(runs, teacher):
     assert options['loss_kwargs'] == dict(class_name='training.loss_cd.ConsistencyDistillLoss', S=4, T_start=8, T_end=16, T_anneal_kimg=2.0,
         T_anneal='geometric', rho=7.0, sigma_min=0.002, sigma_max=80.0, student_sigmas='karras', sampling_mode='vp', terminal_anchor=True,
         terminal_prob=None, terminal_teacher_hop=False, target_mode='ema', target_ema=0.95, sync_dropout=True, loss='pseudo_huber',
-        huber_c=None, weight_mode='sqrt_karras', ct=False)
+        huber_c=None, weight_mode='sqrt_karras', teacher_hop='heun', ct=False)
     assert 'Distillation:     S=4 student of' in runs['out_a'] and 'Loading the teacher' in runs['out_a']
 
     teacher_net = load_pickle(teacher)['ema']

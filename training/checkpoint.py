@@ -58,7 +58,15 @@ def load_snapshot(path_or_url):
                     raise ValueError(f'"{path_or_url}" cannot be loaded as a network snapshot ({err}); {fix}.') from err
     if not isinstance(data, dict) or not isinstance(data.get('ema', None), torch.nn.Module):
         raise ValueError(f'"{path_or_url}" is not a network snapshot (no network under "ema"); {fix}.')
+    check_no_addim_bridge(data.get('loss_fn'), f'"{path_or_url}"')
     return data
+
+def check_no_addim_bridge(loss, what):
+    """ValueError for a loss (object, description or keywords) that used the aDDIM bridge of earlier versions."""
+    kwargs = loss.get('init_kwargs', loss) if isinstance(loss, dict) else getattr(loss, 'init_kwargs', None) or {}
+    if kwargs.get('addim_scale', 0):
+        raise ValueError(f'{what} comes from a distillation with the aDDIM bridge (addim_scale={kwargs["addim_scale"]:g}), '
+            'which this version replaced by the teacher\'s aDDIM hop; distil again, with --teacher_hop=addim.')
 
 def consistency_entry(loss_fn):
     """A student snapshot's `consistency` entry: S, its S+1 levels, the teacher's guidance, cur_nimg and T reached."""

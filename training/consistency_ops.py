@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from training.samplers import karras_sigmas, student_sigmas, check_student_sigmas
+from training.samplers import addim_step, addim_variance, karras_sigmas, student_sigmas, check_student_sigmas
 
 #----------------------------------------------------------------------------
 
@@ -49,6 +49,14 @@ def heun_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32):
     x_2 = torch.where(positive, x_e, x_a)
     k2 = (x_2 - denoise(x_2, sigma_2).to(dtype)) / expand_sigma(sigma_2, x_a)
     return torch.where(positive, x_a + (sb - sa) * ((k1 + k2) / 2), x_e)
+
+def addim_hop(denoise, x_a, sigma_a, sigma_b, dtype=torch.float32, scale=0.1, prior=0.5):
+    """The teacher's aDDIM hop (Heek et al. 2024, Algorithm 1): its Euler step lengthened by the variance estimate
+    addim_variance(sigma_a, scale, prior); one evaluation; scale = 0, or sigma_b = 0, is the Euler step."""
+    x_a = x_a.to(dtype)
+    sigma_a, sigma_b = (torch.as_tensor(v, dtype=dtype, device=x_a.device).expand(len(x_a)) for v in (sigma_a, sigma_b))
+    x_var = addim_variance(sigma_a, scale, prior) * (sigma_b > 0)
+    return addim_step(denoise(x_a, sigma_a), x_a, sigma_a, sigma_b, x_var, dtype=dtype)
 
 def make_denoiser(net, labels=None, augment_labels=None):
     """An EDM-style network as the `denoise(x, sigma)` of `heun_hop`."""

@@ -11,13 +11,13 @@ from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
 from training import consistency_ops as ops
-from training.samplers import addim_step, addim_variance
 
 #----------------------------------------------------------------------------
 
 LOSSES              = ('l2', 'huber', 'pseudo_huber', 'l2_root')
 WEIGHT_MODES        = ('edm', 'sqrt_karras', 'snr', 'snr+1', 'karras', 'truncated-snr', 'uniform')
 TARGET_MODES        = ('live', 'ema', 'teacher')
+TEACHER_HOPS        = ('heun', 'addim')
 PRECISIONS          = dict(float32=torch.float32, float64=torch.float64)
 HUBER_SCALE         = 0.00054   # Per-element scale of the default Huber constants.
 
@@ -86,22 +86,19 @@ class ConsistencyDistillLoss:
         huber_c                 = None,             # c of pseudo_huber, delta of huber; None = from HUBER_SCALE.
         weight_mode             = 'sqrt_karras',    # One of WEIGHT_MODES.
         precision               = 'float32',        # Of hops, DDIM and loss.
-        addim_scale             = 0,                # Variance scale of the aDDIM bridge; 0 = DDIM.
-        addim_prior             = 0.5,              # Prior variance of the aDDIM posterior.
+        teacher_hop             = 'heun',           # Or the paper's 'addim': one teacher evaluation per hop.
         ct                      = False,            # Consistency training: hop to y + sigma_s eps, no teacher.
     ):
         anchor = default_terminal_anchor(sampling_mode) if terminal_anchor is None else bool(terminal_anchor)
         assert int(S) == S >= 1 and int(T_start) == T_start >= 1 and int(T_end) == T_end >= 1 and T_anneal_kimg >= 0
         assert T_anneal in ops.ANNEAL_MODES and sampling_mode in ops.SAMPLING_MODES and target_mode in TARGET_MODES
-        assert loss in LOSSES and weight_mode in WEIGHT_MODES and 0 <= target_ema < 1
+        assert loss in LOSSES and weight_mode in WEIGHT_MODES and 0 <= target_ema < 1 and teacher_hop in TEACHER_HOPS
         assert (huber_c is None or huber_c > 0) and (terminal_prob is None or anchor)
         assert not (ct and target_mode == 'teacher')
         if terminal_prob is not None and not 0 < terminal_prob < 1:
             raise ValueError(f'terminal_prob={terminal_prob:g} is outside (0, 1); pass a probability in that range.')
         if precision not in PRECISIONS:
             raise ValueError(f'precision="{precision}" is unknown; use "float32" or "float64".')
-        if not addim_scale >= 0 or not addim_prior > 0:
-            raise ValueError(f'addim_scale={addim_scale}, addim_prior={addim_prior}: use a scale >= 0 and a prior > 0.')
         self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), T_anneal_kimg
         self.T_anneal, self.rho, self.sigma_min, self.sigma_max = T_anneal, rho, sigma_min, sigma_max
         self.sigma_data = sigma_data
@@ -110,8 +107,7 @@ class ConsistencyDistillLoss:
         self.terminal_teacher_hop = bool(terminal_teacher_hop)
         self.target_mode, self.target_ema, self.sync_dropout = target_mode, target_ema, bool(sync_dropout)
         self.loss, self.huber_c, self.weight_mode, self.precision = loss, huber_c, weight_mode, precision
-        self.addim_scale, self.addim_prior = float(addim_scale), float(addim_prior)
-        self.ct, self.cur_nimg = bool(ct), 0
+        self.teacher_hop, self.ct, self.cur_nimg = teacher_hop, bool(ct), 0
         self._init_runtime()
         self.set_teacher(None)
 
@@ -269,12 +265,13 @@ class ConsistencyDistillLoss:
         x_t = y + ops.expand_sigma(sigma_t, y) * eps
         rows = lambda mask: ops.expand_sigma(mask, y).to(torch.bool)
 
-        # Hop to sigma_s: the teacher's Heun hop, or the draw's own point (consistency training).
+        # Hop to sigma_s: the teacher's Heun or aDDIM hop, or the draw's own point (consistency training).
         teacher = self._run(self._teacher)
         if self.ct:
             x_s = y + ops.expand_sigma(sigma_s, y) * eps
         else:
-            x_s = ops.heun_hop(ops.make_denoiser(teacher, labels, augment_labels), x_t, sigma_t, sigma_s, dtype=dtype)
+            hop = ops.heun_hop if self.teacher_hop == 'heun' else ops.addim_hop
+            x_s = hop(ops.make_denoiser(teacher, labels, augment_labels), x_t, sigma_t, sigma_s, dtype=dtype)
         x_ref = x_s if self.terminal_teacher_hop else torch.where(rows(case != ops.TERMINAL), x_s, y)
 
         # Target: x_ref of the general samples = DDIM of its prediction from sigma_s to the boundary.
@@ -293,12 +290,7 @@ class ConsistencyDistillLoss:
             torch.cuda.set_rng_state(rng_state, device)
         elif replay:
             torch.set_rng_state(rng_state)
-        r_in = torch.where(general, sigma_ref, 0)
-        if self.addim_scale > 0:
-            x_var = addim_variance(s_in, self.addim_scale, self.addim_prior) * (r_in > 0)
-            bridged = addim_step(target_out, x_in, s_in, r_in, x_var, dtype=dtype)
-        else:
-            bridged = ops.ddim_step(target_out, x_in, s_in, r_in, dtype=dtype)
+        bridged = ops.ddim_step(target_out, x_in, s_in, torch.where(general, sigma_ref, 0), dtype=dtype)
         x_ref = torch.where(rows(general), bridged, x_ref)
 
         target, gain = ops.inverse_ddim(x_ref, x_t, sigma_t, sigma_ref, dtype=dtype)

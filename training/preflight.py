@@ -51,9 +51,10 @@ def check_options(opts, given, cd_options):
         if opts.ct and opts.cd_target_mode == 'teacher':
             raise ValueError('--cd_target_mode=teacher needs a teacher in the loss, which --ct=True runs without; '
                 'pass --cd_target_mode=ema or live.')
-        if opts.ct and opts.gnet is not None:
-            raise ValueError('--gnet guides the teacher\'s hop, which --ct=True replaces by the data\'s; '
-                'leave --gnet and --guidance out.')
+        teacher_given = [name for name in ('gnet', 'teacher_hop') if name in given]
+        if opts.ct and teacher_given:
+            raise ValueError(f'--{teacher_given[0]} sets the teacher\'s hop, which --ct=True replaces by the data\'s; '
+                'leave it out.')
         if opts.transfer is not None and opts.student_init is not None:
             raise ValueError(f'--transfer and --student_init={opts.student_init} both choose the weights the student starts from; '
                 'pass only one of them.')
@@ -332,6 +333,7 @@ def setup(
         try:
             resume_state_dump = checkpoint.find_state(resume_state_dump)
             state = checkpoint.load_training_state(resume_state_dump)
+            checkpoint.check_no_addim_bridge(state['loss_kwargs'], f'The training state "{resume_state_dump}"')
         except ValueError as err:
             raise ValueError(f'--resume: {err}') from err
         _check_resume(state, resume_state_dump, shapes, settings, loss_fn, teacher_digest)

@@ -1,4 +1,5 @@
-"""EDM's Heun and Euler samplers, the consistency student's, their noise levels and image helpers (docs/cd-spec.md)."""
+"""EDM's Heun and Euler samplers, aDDIM, the consistency student's, their noise levels and image helpers
+(docs/cd-spec.md)."""
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ def noise_range_note(net, what='The network', grid='the noise levels of the grid
 # Teacher samplers (EDM grid, optional stochastic churn).
 
 def _karras_ode_sampler(net, latents, class_labels, randn_like, num_steps, sigma_min, sigma_max,
-    rho, S_churn, S_min, S_max, S_noise, second_order):
+    rho, S_churn, S_min, S_max, S_noise, second_order, addim_scale=0, addim_prior=0.5):
     num_steps = int(num_steps)
     net_min, net_max, round_sigma = noise_range(net)
     t_steps = karras_sigmas(num_steps, max(sigma_min, net_min), min(sigma_max, net_max), rho, round_sigma)
@@ -69,8 +70,11 @@ def _karras_ode_sampler(net, latents, class_labels, randn_like, num_steps, sigma
         x_hat = x_next
         if S_churn > 0:
             x_hat = x_hat + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_hat)
-        d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
+        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
+        if addim_scale > 0 and t_next > 0:
+            x_next = addim_step(denoised, x_hat, t_hat, t_next, addim_variance(t_hat, addim_scale, addim_prior))
         if second_order and i < num_steps - 1:
             d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
@@ -96,8 +100,16 @@ def euler_sampler(
     """edm_sampler without the second-order correction (Euler = DDIM, num_steps evaluations)."""
     return _karras_ode_sampler(**locals(), second_order=False)
 
+def addim_sampler(
+    net, latents, class_labels=None, randn_like=torch.randn_like,
+    num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1,
+    addim_scale=0.1, addim_prior=0.5):
+    """Heek et al.'s aDDIM sampler (2024, Algorithm 3): Euler steps lengthened by the variance estimate of
+    addim_variance (num_steps evaluations; technical report section 9.1)."""
+    return _karras_ode_sampler(**locals(), second_order=False)
+
 #----------------------------------------------------------------------------
-# Student sampler, with adjusted DDIM (Heek, Hoogeboom & Salimans 2024; technical report section 9.1).
+# Adjusted DDIM (Heek, Hoogeboom & Salimans 2024; technical report section 9.1) and the student sampler.
 
 def addim_variance(sigma, scale=0.1, prior=0.5):
     """aDDIM's per-element posterior variance scale * prior sigma^2 / (prior + sigma^2)."""
@@ -119,11 +131,9 @@ def student_sampler(
     sigmas      = None,             # S + 1 levels ending in 0.
     randn_like  = torch.randn_like,
     stochastic  = False,            # Re-noise instead of the DDIM step?
-    addim_scale = 0,                # 0 = DDIM.
-    addim_prior = 0.5,
 ):
-    """Sample a multistep consistency student in S evaluations; returns float64 images."""
-    assert sigmas is not None and addim_scale >= 0 and addim_prior > 0 and not (stochastic and addim_scale > 0)
+    """Sample a multistep consistency student in S evaluations (DDIM steps); returns float64 images."""
+    assert sigmas is not None
     sigmas = check_student_sigmas(sigmas).to(latents.device)
     x = latents.to(torch.float64) * sigmas[0]
     for sigma_cur, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -132,8 +142,6 @@ def student_sampler(
             x = x_hat
         elif stochastic:
             x = x_hat + sigma_next * randn_like(x_hat)
-        elif addim_scale > 0:
-            x = addim_step(x_hat, x, sigma_cur, sigma_next, addim_variance(sigma_cur, addim_scale, addim_prior))
         else:
             x = x_hat + (sigma_next / sigma_cur) * (x - x_hat)
     return x
