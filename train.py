@@ -434,7 +434,7 @@ def main(**kwargs):
             c = training_config(opts, device)
             if opts.wandb:
                 dist.on_rank0(preflight.check_wandb)
-            inputs = preflight.setup(**c, teacher=teacher, device=device)
+            inputs = preflight.setup(**c, teacher=teacher, transfer=(source if tuning else None), device=device)
             c.seed = inputs.seed
             c.dataset_kwargs.update(resolution=inputs.dataset_obj.resolution, max_size=len(inputs.dataset_obj))
             if inputs.resume_state_dump is not None:

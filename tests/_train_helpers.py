@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 
+import torch
 from click.testing import CliRunner
 
 from training.loss import EDMLoss
@@ -60,6 +61,24 @@ def finish(proc, timeout=600):
     """Wait for a Popen; returns (returncode, stdout, stderr)."""
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
+
+def interrupted_runs(outdir_a, outdir_bc, args, a_args=()):
+    """A: `args` (and `a_args`) for 2 kimg, uninterrupted. B: the same stopped at 1 kimg. C: B resumed to 2 kimg.
+    Returns their run directories and the output of A and C."""
+    proc_a = start_train(f'--outdir={outdir_a}', *args, *a_args, '--duration=0.002')
+    res_b = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.001', '--desc=b'))
+    assert res_b[0] == 0, res_b[2][-3000:]
+    dir_b, = run_dirs(outdir_bc)
+    res_c = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.002', f'--resume={dir_b}', '--desc=c'))
+    assert res_c[0] == 0, res_c[2][-3000:]
+    res_a = finish(proc_a)
+    assert res_a[0] == 0, res_a[2][-3000:]
+    dir_a, = run_dirs(outdir_a)
+    return dict(a=dir_a, b=dir_b, c=run_dirs(outdir_bc)[1], out_a=res_a[1], out_c=res_c[1])
+
+def tensors_equal(a, b):
+    """Two state dicts hold the same names and bitwise the same tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 def run_dirs(outdir):
     return sorted(os.path.join(outdir, name) for name in os.listdir(outdir) if not name.startswith('.') and os.path.isdir(os.path.join(outdir, name)))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import generate
 from _gaussian import GaussianNet
-from _train_helpers import SMALL_RUN, TINY_ARCH, finish, run_dirs, start_train
+from _train_helpers import SMALL_RUN, TINY_ARCH, finish, interrupted_runs, start_train, tensors_equal
 from training import consistency_ops as ops
 from training.loss_cd import ConsistencyDistillLoss
 
@@ -59,21 +59,8 @@ VAL = ['--val=1', '--val_detector=pixels', '--val_num=64', '--val_batch=32', '--
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, digits8):
     """A: 2 kimg of consistency training, validated. B: the same stopped at 1 kimg. C: B resumed to 2 kimg."""
-    outdir_a, outdir_bc = str(tmp_path_factory.mktemp('ct_a')), str(tmp_path_factory.mktemp('ct_bc'))
-    args = [f'--data={digits8}', *CT_RUN]
-    proc_a = start_train(f'--outdir={outdir_a}', *args, *VAL, '--duration=0.002')
-    res_b = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.001', '--desc=b'))
-    assert res_b[0] == 0, res_b[2][-3000:]
-    dir_b, = run_dirs(outdir_bc)
-    res_c = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.002', f'--resume={dir_b}', '--desc=c'))
-    assert res_c[0] == 0, res_c[2][-3000:]
-    res_a = finish(proc_a)
-    assert res_a[0] == 0, res_a[2][-3000:]
-    dir_a, = run_dirs(outdir_a)
-    return dict(a=dir_a, b=dir_b, c=run_dirs(outdir_bc)[1], out_a=res_a[1])
-
-def tensors_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    outdirs = (str(tmp_path_factory.mktemp(name)) for name in ('ct_a', 'ct_bc'))
+    return interrupted_runs(*outdirs, [f'--data={digits8}', *CT_RUN], a_args=VAL)
 
 def test_ct_runs_without_a_teacher_and_resumes_bit_exactly(runs):
     assert os.path.basename(runs['a']).endswith('-ct2') and 'Consistency training: S=2 student, starting from random' in runs['out_a']

@@ -22,11 +22,10 @@ from click.testing import CliRunner
 
 import generate
 import train
-from _train_helpers import SMALL_RUN, TINY_ARCH, finish, invoke, read_stats, run_dirs, start_train
+from _train_helpers import SMALL_RUN, TINY_ARCH, finish, interrupted_runs, invoke, read_stats, start_train, tensors_equal
 from _train_helpers import run_loop
 from training import checkpoint
 from training import samplers
-from training import training_loop
 from training.networks import EDMPrecond
 
 TEACHER_ARCH = TINY_ARCH
@@ -39,25 +38,12 @@ RUN_NAME = 'digits8-uncond-ddpmpp-edm-gpus1-batch32-fp32-cd4'
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, digits8, teacher):
     """A: 2 kimg of distillation, uninterrupted. B: the same, stopped at 1 kimg. C: B resumed to 2 kimg."""
-    outdir_a, outdir_bc = str(tmp_path_factory.mktemp('cd_a')), str(tmp_path_factory.mktemp('cd_bc'))
-    args = [f'--data={digits8}', f'--teacher={teacher}', *CD_RUN]
-    proc_a = start_train(f'--outdir={outdir_a}', *args, '--duration=0.002')
-    res_b = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.001', '--desc=b'))
-    assert res_b[0] == 0, res_b[2][-3000:]
-    dir_b, = run_dirs(outdir_bc)
-    res_c = finish(start_train(f'--outdir={outdir_bc}', *args, '--duration=0.002', f'--resume={dir_b}', '--desc=c'))
-    assert res_c[0] == 0, res_c[2][-3000:]
-    res_a = finish(proc_a)
-    assert res_a[0] == 0, res_a[2][-3000:]
-    dir_a, = run_dirs(outdir_a)
-    return dict(a=dir_a, b=dir_b, c=run_dirs(outdir_bc)[1], out_a=res_a[1], out_c=res_c[1])
+    outdirs = (str(tmp_path_factory.mktemp(name)) for name in ('cd_a', 'cd_bc'))
+    return interrupted_runs(*outdirs, [f'--data={digits8}', f'--teacher={teacher}', *CD_RUN])
 
 def load_pickle(path):
     with open(path, 'rb') as f:
         return pickle.load(f)
-
-def tensors_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 #----------------------------------------------------------------------------
 # The distillation run and its student snapshot.
@@ -323,6 +309,7 @@ def test_teacher_transfer_and_state_files_are_read_once(tmp_path, digits8, teach
     for args, files in [
         (['--duration=0.001'], [teacher]),                                # The student starts from the teacher: one file, one read.
         ([f'--transfer={transfer}', '--duration=0.001'], [teacher, transfer]),
+        (['--ct=True', f'--transfer={transfer}', '--duration=0.001'], [teacher, transfer]), # Tuning: built like it.
         ([f'--resume={state}', '--duration=0.002'], [teacher, state]),
     ]:
         opened.clear()

@@ -347,7 +347,7 @@ def network_shapes(network_kwargs, interface_kwargs):
     try:
         with torch.device('meta'):
             return tensor_shapes(dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs))
-    except (RuntimeError, NotImplementedError): # A constructor that computes (e.g. VPPrecond).
+    except (RuntimeError, NotImplementedError): # A constructor that reads tensor values (VPPrecond's sigma range).
         return tensor_shapes(dnnlib.util.construct_class_by_name(**network_kwargs, **interface_kwargs))
 
 def check_tensors(src_shapes, dst_shapes, what, fix, require_all=False):

@@ -248,6 +248,7 @@ def setup(
     vae_name            = None,     # None = the one the dataset.json records.
     guidance            = None,
     teacher             = None,     # load_teacher() of the above, if the caller has it.
+    transfer            = None,     # load_network() of resume_pkl, if the caller has it.
     resume_state_dump   = None,     # Training state, or a run directory (its newest).
     validation_fn       = None,
     phema_stds          = None,
@@ -323,7 +324,7 @@ def setup(
             raise ValueError(f'The teacher "{teacher_pkl}" is of class {type(init_net).__name__}, but the student would be of class {student_class}; {fix}.')
         checkpoint.check_tensors(checkpoint.tensor_shapes(init_net), shapes, f'The teacher "{teacher_pkl}"', fix, require_all=True)
     elif resume_pkl is not None:
-        init_net = load_network(resume_pkl, '--transfer')
+        init_net = load_network(resume_pkl, '--transfer') if transfer is None else transfer
         fix = 'choose the --arch, --cbase, --cres, --cond and --augment of the network in it'
         checkpoint.check_tensors(checkpoint.tensor_shapes(init_net), shapes, f'The --transfer snapshot "{resume_pkl}"', fix)
 
